@@ -1,0 +1,96 @@
+"""The experiment configuration: every field with its default, and the checks run before any training.
+
+Config files in ``configs/`` start from ``base_config()`` and change what their experiment needs, so a typo
+in a field name is caught here instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from oat_jax import data, models, oat
+
+METHODS = ("both", "ce", "oat")
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot start with; the message names the field and the problem."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults: the paper's protocol (Sec. 3.4) on the lightweight CNN and Fashion-MNIST."""
+    config = ml_collections.ConfigDict()
+    config.dataset = "fashion_mnist"
+    config.data_dir = ""             # local dataset folder; "" = $OAT_DATA_DIR, system copies, then tfds
+    config.model = "lightweight"
+    config.num_epochs = 100          # total, pre-training included
+    config.pretrain_epochs = 10      # cross-entropy epochs before OAT starts
+    config.batch_size = 32
+    config.eval_batch_size = 32      # the test anchor is computed per batch of this size
+    config.shuffle_eval = True       # the paper's test loader is shuffled; a fixed seeded order here
+    config.learning_rate = 0.001
+    config.momentum = 0.9
+    config.reset_momentum = True     # fresh optimiser when OAT starts, as the released code does
+    config.method = "both"           # "both" arms from one shared pre-training, or "ce" / "oat" alone
+    config.variant = "released"      # OAT anchor: "released" (double softmax) or "paper" (eq. 1)
+    config.anchor_gradient = config_dict.placeholder(bool)  # None = the variant's own behaviour
+    config.seed = 0
+    config.train_limit = 0           # use only the first N training samples (0 = all)
+    config.test_limit = 0            # use only the first N test samples (0 = all)
+    config.progress = True           # progress bar on a terminal
+    # The paper's figure for this experiment, printed beside ours; source "" = the paper has none.
+    config.paper = ml_collections.ConfigDict({"source": "", "ce": 0.0, "oat": 0.0})
+    return config
+
+
+def _check_fields(config, reference, prefix=""):
+    for key in config.keys():
+        if key not in reference:
+            raise ConfigError(f"unknown config field '{prefix}{key}'; known fields: {', '.join(sorted(reference.keys()))}")
+    for key in reference.keys():
+        if key not in config:
+            raise ConfigError(f"config field '{prefix}{key}' is missing (start config files from base_config())")
+        value, default = config[key], reference[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config field '{prefix}{key}' must be a group of fields")
+            _check_fields(value, default, prefix=f"{prefix}{key}.")
+            continue
+        expected = reference.get_type(key)
+        if value is None:
+            if default is None:  # an optional field left unset
+                continue
+            raise ConfigError(f"config field '{prefix}{key}' must not be None")
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise ConfigError(f"config field '{prefix}{key}' must be of type {expected.__name__}, got {value!r}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError on the first problem: unknown or missing fields, wrong types, impossible values."""
+    _check_fields(config, base_config())
+
+    def require(condition, message):
+        if not condition:
+            raise ConfigError(message)
+
+    require(config.dataset in data.dataset_names(),
+            f"unknown dataset '{config.dataset}'; known datasets: {', '.join(data.dataset_names())}")
+    require(config.model in models.model_names(),
+            f"unknown model '{config.model}'; known models: {', '.join(models.model_names())}")
+    require(config.method in METHODS, f"method must be one of {', '.join(METHODS)}, got '{config.method}'")
+    require(config.variant in oat.VARIANTS,
+            f"variant must be one of {', '.join(oat.VARIANTS)}, got '{config.variant}'")
+    require(config.num_epochs >= 1, f"num_epochs must be at least 1, got {config.num_epochs}")
+    require(0 <= config.pretrain_epochs <= config.num_epochs,
+            f"pretrain_epochs must lie in 0..num_epochs ({config.num_epochs}), got {config.pretrain_epochs}")
+    require(config.method == "ce" or config.pretrain_epochs < config.num_epochs,
+            f"pretrain_epochs ({config.pretrain_epochs}) leaves no OAT epoch of num_epochs ({config.num_epochs})")
+    require(config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}")
+    require(config.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {config.eval_batch_size}")
+    require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
+    require(0 <= config.momentum < 1, f"momentum must lie in [0, 1), got {config.momentum}")
+    require(config.seed >= 0, f"seed must be non-negative, got {config.seed}")
+    require(config.train_limit >= 0, f"train_limit must be non-negative (0 = all), got {config.train_limit}")
+    require(config.test_limit >= 0, f"test_limit must be non-negative (0 = all), got {config.test_limit}")

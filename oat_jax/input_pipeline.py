@@ -1,0 +1,55 @@
+"""In-memory batching: seeded per-epoch shuffling and fixed-shape batches with a mask for padding.
+
+Images stay uint8 on the host; the jitted steps normalise them. Every batch has the same shape (the last
+one padded), so each step compiles once, and the mask keeps padded rows out of anchors, losses and counts.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of one training epoch: a function of (seed, epoch) only, so a resumed run sees
+    the same batches as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def eval_order(num_samples: int, seed: int, shuffle: bool) -> np.ndarray:
+    """A fixed order of the test set: which samples share a batch decides OAT's test anchors."""
+    if not shuffle:
+        return np.arange(num_samples)
+    return np.random.default_rng([seed, 2**31 - 1]).permutation(num_samples)
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    return -(-num_samples // batch_size)
+
+
+def batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray,
+            batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields (images (B, H, W, C) uint8, labels (B,) int32, mask (B,) bool), B = batch_size, in ``order``;
+    the last batch is padded with zeros and masked."""
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        real = len(index)
+        mask = np.ones(batch_size, dtype=bool)
+        if real < batch_size:
+            mask[real:] = False
+            index = np.concatenate([index, np.full(batch_size - real, index[0])])
+        yield images[index], labels[index].astype(np.int32), mask
+
+
+def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of uint8 images (N, H, W, C), on the [0, 1] scale."""
+    mean = np.zeros(images.shape[-1])
+    square = np.zeros(images.shape[-1])
+    for chunk in np.array_split(images, max(1, len(images) // 4096)):  # bounded float64 memory
+        pixels = chunk.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+        mean += pixels.sum(axis=0)
+        square += np.square(pixels).sum(axis=0)
+    count = images.size // images.shape[-1]
+    mean /= count
+    std = np.sqrt(np.maximum(square / count - np.square(mean), 1e-12))
+    return mean.astype(np.float32), std.astype(np.float32)

@@ -1,0 +1,92 @@
+"""Command line: ``python -m oat_jax.main --config configs/<experiment>.py --workdir runs/<experiment>``.
+
+Trains the cross-entropy baseline and the OAT arm of one experiment (or resumes them from the workdir) and
+prints their test accuracies beside the paper's figure. ``--config.<field>=<value>`` overrides a field.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from oat_jax import data
+from oat_jax.config_schema import ConfigError, validate_config
+from oat_jax.train import TrainingDiverged, WorkdirMismatch, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and summary.json.")
+
+_ARM_NAMES = {"ce": "cross-entropy", "oat": "OAT"}
+
+
+def _fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _parse_flags(argv):
+    """absl's parser, with a user's mistake reported in one line instead of a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError) as e:  # an override naming a field the config does not have
+        _fail(f"unknown config field in a --config.<field> override: {str(e).strip(chr(34))}")
+    except (TypeError, ValueError) as e:
+        _fail(f"bad --config override: {e}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        _fail("usage: python -m oat_jax.main --config configs/<experiment>.py --workdir <dir> "
+              "[--config.<field>=<value> ...]")
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(path):
+        _fail(f"config file not found: {path}")
+    try:
+        validate_config(_CONFIG.value)
+    except ConfigError as e:
+        _fail(str(e))
+    except Exception as e:  # the config file itself failed to load
+        _fail(f"cannot load config file {path}: {type(e).__name__}: {e}")
+    return rest
+
+
+def format_summary(summary: dict) -> str:
+    """The two arms side by side with the paper's figure, as a small text table."""
+    paper = summary.get("paper")
+    lines = [f"test accuracy (%) on {summary['dataset']['name']} "
+             f"({summary['dataset']['train_samples']} train / {summary['dataset']['test_samples']} test samples)",
+             f"{'arm':<15}{'final':>8}{'best (epoch)':>16}" + (f"{'paper':>10}" if paper else "")]
+    for arm, result in summary["arms"].items():
+        line = (f"{_ARM_NAMES[arm]:<15}{result['final_test_accuracy']:>8.2f}"
+                f"{result['best_test_accuracy']:>9.2f} ({result['best_epoch']:>3})")
+        if paper:
+            line += f"{paper[arm]:>10.3f}"
+        lines.append(line)
+    if paper:
+        lines.append(f"paper: {paper['source']}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    started = time.perf_counter()
+    try:
+        summary = train_and_evaluate(config, workdir)
+    except (data.DatasetError, WorkdirMismatch) as e:
+        _fail(str(e))
+    except TrainingDiverged as e:
+        _fail(str(e), code=3)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume from the last finished epoch", code=130)
+    print(format_summary(summary))
+    print(f"wall time {time.perf_counter() - started:.1f} s; outputs in {workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,74 @@
+"""The run's record: ``metrics.jsonl`` (one JSON line per arm and epoch) and ``summary.json``."""
+from __future__ import annotations
+
+import json
+import os
+
+
+class MetricsLog:
+    """Append-only JSON lines, cut back on resume to the epochs that have a checkpoint."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def records(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        records = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill; its epoch is redone
+                    break
+        return records
+
+    def keep_only(self, last_epoch_of_arm: dict[str, int]) -> None:
+        """Drops lines of epochs after each arm's last checkpoint: those epochs will be trained again."""
+        kept = [r for r in self.records() if r["epoch"] <= last_epoch_of_arm.get(r["arm"], 0)]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _arm_summary(history: list[dict]) -> dict:
+    best = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))
+    return {
+        "final_test_accuracy": history[-1]["test_accuracy"],
+        "final_epoch": history[-1]["epoch"],
+        "best_test_accuracy": best["test_accuracy"],
+        "best_epoch": best["epoch"],
+    }
+
+
+def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
+    """Each arm's final and best test accuracy (%).
+
+    The cross-entropy arm continues the shared pre-training, so its history is the pre-training epochs
+    followed by its own; the OAT arm's best is taken over its OAT epochs only.
+    """
+    summary = {"arms": {}, "paper": paper if paper.get("source") else None}
+    pretrain = [r for r in records if r["arm"] == "pretrain"]
+    for arm in arms:
+        history = [r for r in records if r["arm"] == arm]
+        if arm == "ce":
+            history = pretrain + history
+        if history:
+            summary["arms"][arm] = _arm_summary(sorted(history, key=lambda r: r["epoch"]))
+    return summary
+
+
+def write_json(path: str, value: dict) -> None:
+    """Writes atomically, so a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,146 @@
+"""End to end through the command line, on real Fashion-MNIST (a subset), in subprocesses."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from oat_jax.data import fashion_mnist
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+QUICK = ["--config.train_limit=4000", "--config.test_limit=1000", "--config.num_epochs=3",
+         "--config.pretrain_epochs=1"]
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(fashion_mnist.DEFAULT_DIR) and not os.environ.get("OAT_DATA_DIR"),
+    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def _command(workdir, *overrides, config="configs/default.py"):
+    return [sys.executable, "-m", "oat_jax.main", "--config", str(ROOT / config), "--workdir", str(workdir),
+            *overrides]
+
+
+def _run(workdir, *overrides, **kwargs):
+    return subprocess.run(_command(workdir, *overrides, **kwargs), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    result = _run(workdir, *QUICK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+@needs_fashion_mnist
+def test_both_arms_learn_on_real_fashion_mnist(finished_run):
+    workdir, result = finished_run
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["dataset"]["train_samples"] == 4000 and summary["dataset"]["test_samples"] == 1000
+    for arm in ("ce", "oat"):
+        assert summary["arms"][arm]["final_epoch"] == 3
+        assert summary["arms"][arm]["final_test_accuracy"] > 50  # chance is 10 %
+    assert "cross-entropy" in result.stdout and "OAT" in result.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["epoch"]) for r in records] == [("pretrain", 1), ("ce", 2), ("ce", 3), ("oat", 2),
+                                                         ("oat", 3)]
+    for record in records:
+        assert {"train_loss", "test_accuracy", "epoch_seconds"} <= set(record)
+    for record in records[3:]:
+        assert 0 < record["anchor_min"] <= 0.1 <= record["anchor_max"] < 1
+        assert 0 < record["anchor_entropy"] <= 2.3026
+
+
+@needs_fashion_mnist
+def test_checkpoints_exist_and_restore(finished_run):
+    workdir, _ = finished_run
+    for arm, epoch in (("pretrain", 1), ("ce", 3), ("oat", 3)):
+        assert (workdir / "checkpoints" / arm / str(epoch)).is_dir()
+    # Restore the OAT arm's final state in a fresh process and evaluate it: the summary's figure comes back.
+    code = f"""
+import json, sys
+from oat_jax import data, input_pipeline, train
+from oat_jax.checkpoints import ArmCheckpoints
+from oat_jax.config_schema import base_config
+config = base_config()
+config.update_from_flattened_dict({{k: v for k, v in json.load(open(sys.argv[1] + '/config.json')).items()
+                                   if k != 'paper'}})
+dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit)
+mean, std = input_pipeline.channel_statistics(dataset.train_images)
+template = train.create_train_state(train._model(config.model, 10), (28, 28, 1), config, 0)
+manager = ArmCheckpoints(sys.argv[1], 'oat')
+state = manager.restore(manager.latest_epoch(), template)
+print(json.dumps(train.evaluate(state, dataset, config, mean, std)))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(workdir)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    accuracy = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert accuracy["oat"] == summary["arms"]["oat"]["final_test_accuracy"]
+
+
+@needs_fashion_mnist
+def test_finished_run_is_not_retrained(finished_run):
+    workdir, first = finished_run
+    lines = (workdir / "metrics.jsonl").read_text()
+    again = _run(workdir, *QUICK)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (workdir / "metrics.jsonl").read_text() == lines
+    assert first.stdout.splitlines()[-4:-1] == again.stdout.splitlines()[-4:-1]  # the same results table
+
+
+@needs_fashion_mnist
+def test_killed_run_resumes_to_the_same_summary(finished_run, tmp_path):
+    expected = json.loads((finished_run[0] / "summary.json").read_text())
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(_command(workdir, *QUICK), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    # Kill -9 in the middle of the CE arm: after two logged epochs, before the run can finish.
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = _run(workdir, *QUICK)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((workdir / "summary.json").read_text()) == expected
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.pretrain_epochs=7", "--config.num_epochs=5"], "pretrain_epochs"),
+    (["--config.learning_rat=0.1"], "learning_rat"),
+    (["--config.num_epochs=ten"], "num_epochs"),
+    (["--config.dataset=mnist_typo"], "unknown dataset 'mnist_typo'"),
+    (["--config.model=resnet"], "unknown model 'resnet'"),
+])
+def test_bad_config_exits_with_one_line(tmp_path, overrides, message):
+    result = _run(tmp_path / "bad", *overrides)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = _run(tmp_path / "w", config="configs/no_such_experiment.py")
+    assert result.returncode == 2 and "no_such_experiment.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    env = dict(os.environ, OAT_DATA_DIR="", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    result = subprocess.run(_command(tmp_path / "w", "--config.data_dir=" + str(tmp_path / "empty")), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(tmp_path / "empty") in result.stderr

@@ -1,0 +1,164 @@
+"""Training loop: masked steps, evaluation of every test sample, two-phase branching and resuming."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oat_jax import data, input_pipeline, models, oat, train
+from oat_jax.checkpoints import ArmCheckpoints
+
+
+def _state_and_data(config):
+    dataset = data.load_dataset(config.dataset)
+    model = models.create_model(config.model, dataset.num_classes)
+    state = train.create_train_state(model, dataset.train_images.shape[1:], config, seed=0)
+    mean, std = input_pipeline.channel_statistics(dataset.train_images)
+    return state, dataset, mean, std
+
+
+def _leaves_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+@pytest.mark.parametrize("objective", ["ce", "oat"])
+def test_padded_rows_do_not_change_a_step(synthetic_config, objective):
+    state, dataset, mean, std = _state_and_data(synthetic_config)
+    images, labels = dataset.train_images[:5], dataset.train_labels[:5]
+    copy = lambda s: jax.tree.map(jnp.array, s)  # the step donates its input state
+    real, loss_real, anchor_real = train.train_step(copy(state), images, labels, np.ones(5, bool), mean, std,
+                                                    objective=objective)
+    padded_images = np.concatenate([images, dataset.train_images[100:103]])
+    padded_labels = np.concatenate([labels, dataset.train_labels[100:103]])
+    mask = np.array([True] * 5 + [False] * 3)
+    padded, loss_padded, anchor_padded = train.train_step(copy(state), padded_images, padded_labels, mask, mean,
+                                                          std, objective=objective)
+    np.testing.assert_allclose(loss_real, loss_padded, rtol=1e-5)
+    np.testing.assert_allclose(anchor_real, anchor_padded, rtol=1e-5)
+    _leaves_close(real.params, padded.params, rtol=1e-4, atol=1e-7)
+
+
+def test_oat_step_descends_the_oat_loss(synthetic_config):
+    """The step's gradient is that of oat.oat_loss: one small step lowers the loss on the same batch."""
+    state, dataset, mean, std = _state_and_data(synthetic_config)
+    images, labels, mask = dataset.train_images[:16], dataset.train_labels[:16], np.ones(16, bool)
+    params = jax.tree.map(jnp.array, state.params)
+    new_state, loss_before, _ = train.train_step(state, images, labels, mask, mean, std, objective="oat")
+    outputs = new_state.apply_fn({"params": new_state.params}, train._normalise(images, mean, std))
+    before = new_state.apply_fn({"params": params}, train._normalise(images, mean, std))
+    np.testing.assert_allclose(loss_before, oat.oat_loss(before, labels), rtol=1e-5)
+    assert oat.oat_loss(outputs, labels) < loss_before
+
+
+@pytest.mark.parametrize("eval_batch_size", [1, 7, 32, 200])
+def test_evaluation_counts_every_test_sample_once(synthetic_config, eval_batch_size):
+    state, dataset, mean, std = _state_and_data(synthetic_config)
+    synthetic_config.eval_batch_size = eval_batch_size
+    synthetic_config.shuffle_eval = False
+    accuracy = train.evaluate(state, dataset, synthetic_config, mean, std)
+    outputs = np.asarray(state.apply_fn({"params": state.params},
+                                        train._normalise(dataset.test_images, mean, std)))
+    labels = dataset.test_labels
+    expected_ce = 100.0 * np.mean(outputs.argmax(-1) == labels)
+    # OAT: decode each consecutive batch with that batch's own anchor (independent NumPy computation)
+    correct = 0
+    for start in range(0, len(labels), eval_batch_size):
+        z = outputs[start:start + eval_batch_size].astype(np.float64)
+        soft = np.exp(z - z.max(1, keepdims=True))
+        soft /= soft.sum(1, keepdims=True)
+        centre = soft.mean(0)
+        anchor = np.exp(centre) / np.exp(centre).sum()
+        correct += np.sum(np.argmax(anchor * (z + 1), axis=1) == labels[start:start + eval_batch_size])
+    assert accuracy["ce"] == pytest.approx(expected_ce, abs=1e-9)
+    assert accuracy["oat"] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
+
+
+def _run(config, workdir, stop_after=None):
+    """Runs train_and_evaluate; with stop_after=k, crashes after k logged epochs (a simulated kill)."""
+    seen = []
+
+    def report(record):
+        seen.append(record)
+        if stop_after is not None and len(seen) >= stop_after:
+            raise KeyboardInterrupt
+    return train.train_and_evaluate(config, str(workdir), report=report), seen
+
+
+def test_both_arms_learn_and_branch_from_the_same_pretraining(synthetic_config, tmp_path):
+    summary, records = _run(synthetic_config, tmp_path / "both")
+    assert [(r["arm"], r["epoch"]) for r in records] == [
+        ("pretrain", 1), ("pretrain", 2), ("ce", 3), ("ce", 4), ("oat", 3), ("oat", 4)]
+    for arm in ("ce", "oat"):
+        assert summary["arms"][arm]["final_test_accuracy"] > 60  # chance is 25 %
+    assert all("anchor_entropy" in r for r in records if r["arm"] == "oat")
+    assert json.load(open(tmp_path / "both" / "summary.json")) == json.loads(json.dumps(summary))
+    # Each arm alone gives what it gives inside "both": the branches really share the pre-training.
+    for method in ("ce", "oat"):
+        synthetic_config.method = method
+        alone, _ = _run(synthetic_config, tmp_path / method)
+        assert alone["arms"][method] == summary["arms"][method]
+
+
+def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, tmp_path):
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.method = 3, 2, "oat"
+    losses = {}
+    for reset in (True, False):
+        synthetic_config.reset_momentum = reset
+        _, records = _run(synthetic_config, tmp_path / str(reset))
+        losses[reset] = [r["train_loss"] for r in records if r["arm"] == "oat"]
+    pre = ArmCheckpoints(str(tmp_path / "True"), "pretrain")
+    template = _state_and_data(synthetic_config)[0]
+    momentum = pre.restore(2, template).opt_state
+    pre.close()
+    assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(momentum))  # there was momentum to reset
+    assert losses[True] != losses[False]
+
+
+def test_interrupted_run_resumes_to_the_same_result(synthetic_config, tmp_path):
+    expected, _ = _run(synthetic_config, tmp_path / "straight")
+    for stop_after in (1, 4):
+        workdir = tmp_path / f"stopped{stop_after}"
+        with pytest.raises(KeyboardInterrupt):
+            _run(synthetic_config, workdir, stop_after=stop_after)
+        resumed, records = _run(synthetic_config, workdir)
+        assert resumed == expected
+        assert len(records) == 6 - stop_after  # only the missing epochs were trained
+        lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+        assert sorted((r["arm"], r["epoch"]) for r in lines) == sorted(
+            [("pretrain", 1), ("pretrain", 2), ("ce", 3), ("ce", 4), ("oat", 3), ("oat", 4)])
+    # A finished run is not retrained.
+    again, records = _run(synthetic_config, tmp_path / "straight")
+    assert again == expected and records == []
+
+
+def test_checkpoints_restore_the_evaluated_state(synthetic_config, tmp_path):
+    summary, _ = _run(synthetic_config, tmp_path)
+    state, dataset, mean, std = _state_and_data(synthetic_config)
+    for arm in ("ce", "oat"):
+        manager = ArmCheckpoints(str(tmp_path), arm)
+        assert manager.latest_epoch() == synthetic_config.num_epochs
+        restored = manager.restore(manager.latest_epoch(), state)
+        manager.close()
+        accuracy = train.evaluate(restored, dataset, synthetic_config, mean, std)[arm]
+        assert accuracy == summary["arms"][arm]["final_test_accuracy"]
+
+
+def test_a_workdir_with_another_config_is_refused(synthetic_config, tmp_path):
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
+    _run(synthetic_config, tmp_path)
+    synthetic_config.learning_rate = 0.5
+    with pytest.raises(train.WorkdirMismatch, match="learning_rate"):
+        _run(synthetic_config, tmp_path)
+
+
+def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_path):
+    synthetic_config.variant = "paper"
+    synthetic_config.learning_rate = 50.0
+    synthetic_config.pretrain_epochs = 0
+    synthetic_config.method = "oat"
+    with pytest.raises(train.TrainingDiverged, match=r"arm 'oat', epoch 1, step \d+ .*paper variant"):
+        _run(synthetic_config, tmp_path)
+    assert ArmCheckpoints(str(tmp_path), "oat").latest_epoch() is None  # nothing diverged was saved
