@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.train_limit = 0           # use only the first N training samples (0 = all)
     config.test_limit = 0            # use only the first N test samples (0 = all)
+    config.fused_epoch = False       # one compiled loop per epoch, data on the device (fast on GPU)
     config.progress = True           # progress bar on a terminal
     # The paper's figure for this experiment, printed beside ours; source "" = the paper has none.
     config.paper = ml_collections.ConfigDict({"source": "", "ce": 0.0, "oat": 0.0})

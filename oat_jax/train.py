@@ -64,14 +64,7 @@ def _normalise(images, mean, std):
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "variant", "anchor_gradient"), donate_argnums=0)
-def train_step(state, images, labels, mask, mean, std, *, objective: str, variant: str = "released",
-               anchor_gradient: bool | None = None):
-    """One SGD step on a batch. ``objective`` is "ce" (cross-entropy) or "oat".
-
-    Returns the new state, the batch loss, and the batch's anchor (for "ce" the anchor its outputs would
-    have, for telemetry only). The anchor is computed inside the step from the batch's own outputs.
-    """
+def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient):
     def loss_fn(params):
         outputs = state.apply_fn({"params": params}, _normalise(images, mean, std))
         if objective == "ce":
@@ -85,28 +78,55 @@ def train_step(state, images, labels, mask, mean, std, *, objective: str, varian
     return state.apply_gradients(grads=grads), loss, anchor
 
 
-@functools.partial(jax.jit, static_argnames=("variant",))
-def eval_step(state, images, labels, mask, mean, std, *, variant: str = "released"):
-    """Correct predictions among the real rows of a test batch, decoded both ways:
+@functools.partial(jax.jit, static_argnames=("objective", "variant", "anchor_gradient"), donate_argnums=0)
+def train_step(state, images, labels, mask, mean, std, *, objective: str, variant: str = "released",
+               anchor_gradient: bool | None = None):
+    """One SGD step on a batch. ``objective`` is "ce" (cross-entropy) or "oat".
+
+    Returns the new state, the batch loss, and the batch's anchor (for "ce" the anchor its outputs would
+    have, for telemetry only). The anchor is computed inside the step from the batch's own outputs.
+    """
+    return _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient)
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "variant", "anchor_gradient", "batch_size"),
+                   donate_argnums=0)
+def train_epoch_fused(state, images, labels, order, num_real, mean, std, *, objective: str, batch_size: int,
+                      variant: str = "released", anchor_gradient: bool | None = None):
+    """A whole epoch as one compiled loop over device-resident data: the same steps as ``train_step`` on
+    the batches ``order`` (padded to whole batches; positions >= num_real are masked), without one
+    dispatch per step. Returns the state and the per-step losses, anchors and real-row counts."""
+    def body(state, batch):
+        positions = batch * batch_size + jnp.arange(batch_size)
+        index = jax.lax.dynamic_slice(order, (batch * batch_size,), (batch_size,))
+        mask = positions < num_real
+        state, loss, anchor = _sgd_step(state, images[index], labels[index], mask, mean, std, objective,
+                                        variant, anchor_gradient)
+        return state, (loss, anchor, jnp.sum(mask))
+
+    return jax.lax.scan(body, state, jnp.arange(order.shape[0] // batch_size))
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "decodes"))
+def eval_step(state, images, labels, mask, mean, std, *, variant: str = "released",
+              decodes: tuple[str, ...] = ("ce", "oat")):
+    """Correct predictions among the real rows of a test batch, for each decoding in ``decodes``:
     "ce" = argmax of the outputs; "oat" = argmax of a_test * (z + 1) with the batch's own anchor."""
     outputs = state.apply_fn({"params": state.params}, _normalise(images, mean, std))
-    ce_correct = jnp.sum(mask & (jnp.argmax(outputs, axis=-1) == labels))
-    oat_correct = jnp.sum(mask & (oat.predict(outputs, variant=variant, where=mask) == labels))
-    return {"ce": ce_correct, "oat": oat_correct}
+    predictions = {"ce": lambda: jnp.argmax(outputs, axis=-1),
+                   "oat": lambda: oat.predict(outputs, variant=variant, where=mask)}
+    return {name: jnp.sum(mask & (predictions[name]() == labels)) for name in decodes}
 
 
-def evaluate(state, dataset: data.Dataset, config, mean, std) -> dict[str, float]:
-    """Test accuracy (%) over every test sample, in batches of ``eval_batch_size``."""
+def evaluate(state, dataset: data.Dataset, config, mean, std,
+             decodes: tuple[str, ...] = ("ce", "oat")) -> dict[str, float]:
+    """Test accuracy (%) over every test sample, in batches of ``eval_batch_size``, per decoding."""
     order = input_pipeline.eval_order(len(dataset.test_labels), config.seed, config.shuffle_eval)
-    correct = {"ce": 0, "oat": 0}
-    counts = []
-    for images, labels, mask in input_pipeline.batches(dataset.test_images, dataset.test_labels, order,
-                                                      config.eval_batch_size):
-        counts.append(eval_step(state, images, labels, mask, mean, std, variant=config.variant))
-    for batch in jax.device_get(counts):
-        for key in correct:
-            correct[key] += int(batch[key])
-    return {key: 100.0 * value / len(order) for key, value in correct.items()}
+    counts = [eval_step(state, images, labels, mask, mean, std, variant=config.variant, decodes=decodes)
+              for images, labels, mask in input_pipeline.batches(dataset.test_images, dataset.test_labels, order,
+                                                                 config.eval_batch_size)]
+    counts = jax.device_get(counts)
+    return {name: 100.0 * sum(int(batch[name]) for batch in counts) / len(order) for name in decodes}
 
 
 def _divergence_hint(objective, config):
@@ -116,31 +136,41 @@ def _divergence_hint(objective, config):
     return "the learning rate is likely too high for this model; lower learning_rate"
 
 
-def train_epoch(state, dataset, config, epoch, objective, mean, std, arm):
-    """One pass over the training set. Returns the new state, mean loss and the epoch's mean anchor."""
+def train_epoch(state, dataset, config, epoch, objective, mean, std, arm, on_device=None):
+    """One pass over the training set. Returns the new state, mean loss and the epoch's mean anchor.
+
+    With ``on_device`` = (images, labels) already on the device, the epoch runs as one compiled loop
+    (``train_epoch_fused``); otherwise step by step from host memory, with a progress bar."""
     order = input_pipeline.epoch_order(len(dataset.train_labels), config.seed, epoch)
     steps = input_pipeline.num_batches(len(order), config.batch_size)
-    losses, anchors, weights = [], [], []
-    progress = tqdm(total=steps, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
-                    disable=None if config.progress else True, file=sys.stderr)
-    for images, labels, mask in input_pipeline.batches(dataset.train_images, dataset.train_labels, order,
-                                                      config.batch_size):
-        state, loss, anchor = train_step(state, images, labels, mask, mean, std, objective=objective,
-                                         variant=config.variant, anchor_gradient=config.anchor_gradient)
-        losses.append(loss)
-        anchors.append(anchor)
-        weights.append(mask.sum())
-        progress.update()
-    progress.close()
-    losses = np.asarray(jax.device_get(jnp.stack(losses)), dtype=np.float64)
+    if on_device is not None:
+        padded = np.concatenate([order, np.full(steps * config.batch_size - len(order), order[0])])
+        state, (losses, anchors, weights) = train_epoch_fused(
+            state, *on_device, padded.astype(np.int32), len(order), mean, std, objective=objective,
+            batch_size=config.batch_size, variant=config.variant, anchor_gradient=config.anchor_gradient)
+    else:
+        losses, anchors, weights = [], [], []
+        progress = tqdm(total=steps, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
+                        disable=None if config.progress else True, file=sys.stderr)
+        for images, labels, mask in input_pipeline.batches(dataset.train_images, dataset.train_labels, order,
+                                                          config.batch_size):
+            state, loss, anchor = train_step(state, images, labels, mask, mean, std, objective=objective,
+                                             variant=config.variant, anchor_gradient=config.anchor_gradient)
+            losses.append(loss)
+            anchors.append(anchor)
+            weights.append(mask.sum())
+            progress.update()
+        progress.close()
+        losses, anchors = jnp.stack(losses), jnp.stack(anchors)
+    losses = np.asarray(jax.device_get(losses), dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
         raise TrainingDiverged(
             f"training diverged: arm '{arm}', epoch {epoch}, step {bad[0] + 1} of {steps} has a non-finite "
             f"loss ({losses[bad[0]]}); {_divergence_hint(objective, config)}. The last good checkpoint "
             f"is kept.")
-    weights = np.asarray(weights, dtype=np.float64)
-    mean_anchor = np.average(np.asarray(jax.device_get(jnp.stack(anchors))), axis=0, weights=weights)
+    weights = np.asarray(jax.device_get(weights), dtype=np.float64)
+    mean_anchor = np.average(np.asarray(jax.device_get(anchors)), axis=0, weights=weights)
     return state, float(np.average(losses, weights=weights)), mean_anchor
 
 
@@ -165,12 +195,12 @@ def _check_workdir_config(workdir, config):
 
 
 def _run_phase(state, dataset, config, arm, objective, first_epoch, last_epoch, checkpoints, log, mean, std,
-               report):
+               report, on_device):
     """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each."""
     for epoch in range(first_epoch, last_epoch + 1):
         started = time.perf_counter()
-        state, loss, mean_anchor = train_epoch(state, dataset, config, epoch, objective, mean, std, arm)
-        accuracy = evaluate(state, dataset, config, mean, std)
+        state, loss, mean_anchor = train_epoch(state, dataset, config, epoch, objective, mean, std, arm, on_device)
+        accuracy = evaluate(state, dataset, config, mean, std, decodes=(objective,))
         record = {"arm": arm, "epoch": epoch, "objective": objective, "train_loss": loss,
                   "test_accuracy": accuracy[objective], "epoch_seconds": time.perf_counter() - started}
         if objective == "oat":
@@ -198,6 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
     model = _model(config.model, dataset.num_classes)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
     template = create_train_state(model, dataset.train_images.shape[1:], config, config.seed)
+    on_device = jax.device_put((dataset.train_images, dataset.train_labels)) if config.fused_epoch else None
     arms = arms_of(config.method)
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in ["pretrain"] + arms}
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
@@ -212,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
         else:
             state = managers["pretrain"].restore(pretrain_done, template)
         state = _run_phase(state, dataset, config, "pretrain", "ce", pretrain_done + 1, config.pretrain_epochs,
-                           managers["pretrain"], log, mean, std, report)
+                           managers["pretrain"], log, mean, std, report, on_device)
         for arm in arms:
             if done[arm] == config.num_epochs:
                 continue  # this arm has finished
@@ -225,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
                     state = state.replace(opt_state=state.tx.init(state.params))
                 first = config.pretrain_epochs + 1
             _run_phase(state, dataset, config, arm, arm, first, config.num_epochs, managers[arm], log, mean, std,
-                       report)
+                       report, on_device)
     finally:
         for manager in managers.values():
             manager.close()

@@ -162,3 +162,20 @@ def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_p
     with pytest.raises(train.TrainingDiverged, match=r"arm 'oat', epoch 1, step \d+ .*paper variant"):
         _run(synthetic_config, tmp_path)
     assert ArmCheckpoints(str(tmp_path), "oat").latest_epoch() is None  # nothing diverged was saved
+
+
+@pytest.mark.parametrize("objective", ["ce", "oat"])
+def test_fused_epoch_gives_the_step_by_step_result(synthetic_config, objective):
+    """The compiled whole-epoch loop (fast path) and the per-step loop (plain path) train the same model:
+    13 batches of 16, the last one partial and masked."""
+    state, dataset, mean, std = _state_and_data(synthetic_config)
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    plain, plain_loss, plain_anchor = train.train_epoch(copy(state), dataset, synthetic_config, 1, objective, mean,
+                                                        std, objective)
+    on_device = jax.device_put((dataset.train_images, dataset.train_labels))
+    fused, fused_loss, fused_anchor = train.train_epoch(copy(state), dataset, synthetic_config, 1, objective, mean,
+                                                        std, objective, on_device=on_device)
+    assert int(fused.step) == int(plain.step) == 13
+    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-4)
+    np.testing.assert_allclose(fused_anchor, plain_anchor, rtol=1e-4)
+    _leaves_close(fused.params, plain.params, rtol=1e-3, atol=1e-5)

@@ -1,0 +1,79 @@
+"""What every benchmark shares: repeated timing with medians, the machine's description, the JSON output."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+
+def timed_repeats(run: Callable[[], None], repeats: int) -> dict[str, float]:
+    """Runs ``run`` ``repeats`` times; median, min and max wall seconds (machines here are noisy)."""
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return spread(seconds)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+
+
+def scaled(stats: dict[str, float], factor: float) -> dict[str, float]:
+    """The same statistics in other units (e.g. milliseconds per step)."""
+    return {k: (v * factor if k != "repeats" else v) for k, v in stats.items()}
+
+
+def ratio(numerator: dict[str, float], denominator: dict[str, float]) -> float:
+    return numerator["median"] / denominator["median"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """The device, the software versions and the date: which card or CPU a figure belongs to."""
+    import jax
+    device = jax.devices()[0]
+    description = getattr(device, "device_kind", str(device))
+    if device.platform == "cpu":
+        description = f"{_cpu_name()} ({os.cpu_count()} cores)"
+    return {
+        "device": description,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "tensorflow_imported": "tensorflow" in sys.modules,
+    }
+
+
+def emit(result: dict, out: str | None) -> None:
+    """One JSON object on stdout; also written to ``out`` when given."""
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
