@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from oat_jax import data, input_pipeline, oat, train
+from oat_jax import data, input_pipeline, oat, steps, train
 from oat_jax.config_schema import base_config
 
 
@@ -37,7 +37,7 @@ def _parse():
 @functools.partial(jax.jit, static_argnames=("variant",))
 def _class_anchor_sums(state, images, labels, mask, mean, std, *, variant):
     """Per-class sums of each sample's own anchor (a batch of one), for the class-anchor alternative."""
-    outputs = state.apply_fn({"params": state.params}, train._normalise(images, mean, std))
+    outputs = state.apply_fn({"params": state.params}, steps.normalise(images, mean, std))
     own = jax.vmap(lambda z: oat.batch_anchor(z[None], variant=variant))(outputs)
     onehot = jax.nn.one_hot(labels, outputs.shape[-1]) * mask[:, None]
     return onehot.T @ own, onehot.sum(axis=0)
@@ -46,7 +46,7 @@ def _class_anchor_sums(state, images, labels, mask, mean, std, *, variant):
 @functools.partial(jax.jit, static_argnames=("variant",))
 def _nearest_class_anchor_correct(state, images, labels, mask, mean, std, class_anchors, *, variant):
     """Decodes each test sample with the precomputed class anchor nearest to its own anchor."""
-    outputs = state.apply_fn({"params": state.params}, train._normalise(images, mean, std))
+    outputs = state.apply_fn({"params": state.params}, steps.normalise(images, mean, std))
     own = jax.vmap(lambda z: oat.batch_anchor(z[None], variant=variant))(outputs)
     distances = jnp.sum(jnp.square(own[:, None, :] - class_anchors[None]), axis=-1)
     anchors = class_anchors[jnp.argmin(distances, axis=-1)]
@@ -93,10 +93,10 @@ def _measure(dataset_name, args) -> dict:
     for objective in ("ce", "oat"):
         # Step by step from host memory (the default), and fused into one compiled loop per epoch.
         for label, resident in ((objective, None), (f"{objective}_fused", on_device)):
-            state = train.create_train_state(model, shape, config, config.seed)
-            warm_data = (on_device[0][:config.batch_size], on_device[1][:config.batch_size]) if resident else None
-            state = train.train_epoch(state, warm, config, 1, objective, mean, std, objective, warm_data)[0]
-            if resident is not None:  # the fused loop compiles per epoch length: warm up on the real one
+            state = train.create_replicas(model, shape, config)
+            if resident is None:  # compile the step on one batch
+                state = train.train_epoch(state, warm, config, 1, objective, mean, std, objective)[0]
+            else:  # the fused loop compiles for the epoch's length: warm up on a real epoch
                 state = train.train_epoch(state, dataset, config, 1, objective, mean, std, objective, resident)[0]
             holder = {"state": state}
 
@@ -113,9 +113,10 @@ def _measure(dataset_name, args) -> dict:
                                            dataset.source), config, mean, std, decodes=(decode,))  # compiles
 
         def evaluation():
-            accuracies[decode] = train.evaluate(state, dataset, config, mean, std, decodes=(decode,))[decode]
+            accuracies[decode] = train.evaluate(state, dataset, config, mean, std, decodes=(decode,))[decode][0]
 
         result["eval_s"][decode] = common.timed_repeats(evaluation, args.repeats)
+    state = jax.tree.map(lambda leaf: leaf[0], state)  # the class-anchor evaluator takes one model
     _class_anchor_evaluation(state, warm, config, mean, std)  # compiles
     timings = [_class_anchor_evaluation(state, dataset, config, mean, std) for _ in range(args.repeats)]
     result["eval_s"]["oat_class_anchors"] = common.spread([t[1] for t in timings])

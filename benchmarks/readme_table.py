@@ -37,6 +37,17 @@ def _step_rows(result, name):
     ]
 
 
+def _seed_rows(result, name):
+    env, setup = result["environment"], result["setup"]
+    rows = []
+    for replicas, figures in sorted(result["jax"].get("seeds", {}).items(), key=lambda item: int(item[0])):
+        rows.append(f"| `{name}` | {env['device']} | {env['date']} | {setup['model']}, "
+                    f"{'×'.join(str(v) for v in setup['image_shape'])}, batch {setup['batch_size']} | {replicas} | "
+                    f"{_ms(figures['train_ms'])} | {figures['per_seed_ms']:.2f} | "
+                    f"{figures['per_seed_samples_per_s']:.0f} |")
+    return rows
+
+
 def _epoch_rows(result, name):
     env = result["environment"]
     rows = []
@@ -45,20 +56,22 @@ def _epoch_rows(result, name):
         rows.append(
             f"| `{name}` | {env['device']} | {env['date']} | {dataset} ({figures['train_samples']} / "
             f"{figures['test_samples']}) | {_s(train['ce'])} | {_s(train['oat'])} | "
-            f"{ratios['oat_over_ce_train_epoch']:.3f} | {_s(evals['ce'])} | {_s(evals['oat'])} | "
+            f"{ratios['oat_over_ce_train_epoch']:.3f} | {_s(train['ce_fused'])} | {_s(train['oat_fused'])} | "
+            f"{_s(evals['ce'])} | {_s(evals['oat'])} | "
             f"{ratios['oat_over_ce_eval']:.3f} | {_s(evals['oat_class_anchors'])} | "
             f"{result['peak_rss_mb']:.0f} |")
     return rows
 
 
 def render(results_dir: str) -> str:
-    step, epoch = [], []
+    step, seeds, epoch = [], [], []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         with open(path) as f:
             result = json.load(f)
         name = os.path.basename(path)
         if result.get("benchmark") == "step_time":
             step += _step_rows(result, name)
+            seeds += _seed_rows(result, name)
         elif result.get("benchmark") == "epoch_time":
             epoch += _epoch_rows(result, name)
     lines = [START, "",
@@ -70,13 +83,19 @@ def render(results_dir: str) -> str:
                   "| file | device | date | setup | train CE | train OAT | OAT/CE | eval CE | eval OAT | OAT/CE "
                   "| PyTorch CE | PyTorch OAT | JAX/PyTorch CE / OAT |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *step, ""]
+    if seeds:
+        lines += ["Several seeds in one program (`--config.num_seeds=K`): a cross-entropy step of K replicas, "
+                  "and the time and throughput per seed.", "",
+                  "| file | device | date | setup | K | ms per step (K replicas) | ms per seed | samples/s per seed |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |", *seeds, ""]
     if epoch:
         lines += ["Whole epochs and evaluations, seconds, median (`python -m benchmarks.epoch_time`); "
                   "\"class anchors\" is the paper's slower alternative (per-class anchors from training, the "
                   "nearest one per test sample).", "",
                   "| file | device | date | dataset (train / test) | train epoch CE | train epoch OAT | OAT/CE | "
-                  "eval CE | eval OAT | OAT/CE | eval class anchors | peak RSS (MB) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *epoch, ""]
+                  "fused epoch CE | fused epoch OAT | eval CE | eval OAT | OAT/CE | eval class anchors | "
+                  "peak RSS (MB) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *epoch, ""]
     if not step and not epoch:
         lines += ["No benchmark results are recorded yet.", ""]
     return "\n".join(lines + [END])

@@ -4,7 +4,8 @@
                                    [--steps 100] [--repeats 5] [--out benchmarks/results/FILE.json]
 
 Everything is measured in one process, so the ratios compare like with like. The JAX steps are the
-project's own jitted ``train_step`` / ``eval_step``; the PyTorch loop (when torch is installed) is the same
+training loop's own jitted steps (``steps.train_step_replicas`` / ``eval_step_replicas``, one replica; and
+K replicas for several seeds); the PyTorch loop (when torch is installed) is the same
 model and the same equations in eager mode. Prints one JSON object.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 
 from benchmarks import common, torch_reference
-from oat_jax import train
+from oat_jax import steps, train
 from oat_jax.config_schema import base_config
 
 
@@ -29,10 +30,13 @@ def _parse():
     parser.add_argument("--variant", default="released")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed repetition")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seeds", default="1,4,8",
+                        help="replica counts K for the several-seeds figure (cross-entropy steps)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     try:
+        args.seeds = [int(k) for k in args.seeds.split(",") if k]
         args.image_shape = tuple(int(v) for v in args.image_shape.split(","))
         assert len(args.image_shape) == 3
     except (ValueError, AssertionError):
@@ -40,44 +44,56 @@ def _parse():
     return args
 
 
+def _batch(args, replicas):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (replicas, args.batch_size) + args.image_shape, dtype=np.uint8)
+    labels = rng.integers(0, args.num_classes, (replicas, args.batch_size)).astype(np.int32)
+    return images, labels, np.ones((replicas, args.batch_size), dtype=bool)
+
+
+def _time_train_steps(args, config, model, objective, replicas):
+    """(first call seconds, ms per step) of the training loop's step for K replicas."""
+    config.num_seeds = replicas
+    images, labels, masks = _batch(args, replicas)
+    mean = np.full(args.image_shape[-1], 0.5, np.float32)
+    std = np.full(args.image_shape[-1], 0.25, np.float32)
+    holder = {"states": train.create_replicas(model, args.image_shape, config)}
+
+    def run(count):
+        states, loss = holder["states"], None
+        for _ in range(count):
+            states, loss, _ = steps.train_step_replicas(states, images, labels, masks, mean, std,
+                                                        objective=objective, variant=args.variant)
+        jax.block_until_ready(loss)
+        holder["states"] = states
+
+    started = time.perf_counter()
+    run(1)  # compiles
+    first = time.perf_counter() - started
+    run(10)
+    stats = common.timed_repeats(lambda: run(args.steps), args.repeats)
+    return first, common.scaled(stats, 1e3 / args.steps), holder["states"]
+
+
 def _jax_figures(args) -> dict:
     config = base_config()
     config.variant = args.variant
     model = train._model(args.model, args.num_classes)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch_size,) + args.image_shape, dtype=np.uint8)
-    labels = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
-    mask = np.ones(args.batch_size, dtype=bool)
+    figures = {"train_ms": {}, "eval_ms": {}, "first_call_s": {}, "seeds": {}}
+    for objective in ("ce", "oat"):
+        first, stats, states = _time_train_steps(args, config, model, objective, replicas=1)
+        figures["first_call_s"][f"train_{objective}"] = first
+        figures["train_ms"][objective] = stats
+
+    images, labels, masks = _batch(args, 1)
     mean = np.full(args.image_shape[-1], 0.5, np.float32)
     std = np.full(args.image_shape[-1], 0.25, np.float32)
-    figures = {"train_ms": {}, "eval_ms": {}, "first_call_s": {}}
-
-    for objective in ("ce", "oat"):
-        state = train.create_train_state(model, args.image_shape, config, seed=0)
-        holder = {"state": state}
-
-        def steps(count):
-            state, loss = holder["state"], None
-            for _ in range(count):
-                state, loss, _ = train.train_step(state, images, labels, mask, mean, std, objective=objective,
-                                                  variant=args.variant)
-            jax.block_until_ready(loss)
-            holder["state"] = state
-
-        started = time.perf_counter()
-        steps(1)  # compiles
-        figures["first_call_s"][f"train_{objective}"] = time.perf_counter() - started
-        steps(10)
-        stats = common.timed_repeats(lambda: steps(args.steps), args.repeats)
-        figures["train_ms"][objective] = common.scaled(stats, 1e3 / args.steps)
-
-    state = holder["state"]
     for decode in ("ce", "oat"):
         def evals(count):
             out = None
             for _ in range(count):
-                out = train.eval_step(state, images, labels, mask, mean, std, variant=args.variant,
-                                      decodes=(decode,))
+                out = steps.eval_step_replicas(states, images, labels, masks, mean, std, variant=args.variant,
+                                               decodes=(decode,))
             jax.block_until_ready(out)
 
         started = time.perf_counter()
@@ -86,6 +102,13 @@ def _jax_figures(args) -> dict:
         evals(10)
         stats = common.timed_repeats(lambda: evals(args.steps), args.repeats)
         figures["eval_ms"][decode] = common.scaled(stats, 1e3 / args.steps)
+
+    # Several seeds in one program: K replicas per step; what matters is the time per seed.
+    for replicas in args.seeds:
+        _, stats, _ = _time_train_steps(args, config, model, "ce", replicas)
+        per_seed = stats["median"] / replicas
+        figures["seeds"][str(replicas)] = {"train_ms": stats, "per_seed_ms": per_seed,
+                                           "per_seed_samples_per_s": 1e3 * args.batch_size / per_seed}
     return figures
 
 
@@ -115,6 +138,7 @@ def main():
     result = {"benchmark": "step_time", "environment": common.environment(),
               "setup": {"model": args.model, "image_shape": list(args.image_shape), "batch_size": args.batch_size,
                         "num_classes": args.num_classes, "variant": args.variant, "steps": args.steps,
+                        "seeds": args.seeds,
                         "repeats": args.repeats}}
     result["jax"] = _jax_figures(args)
     ratios = {

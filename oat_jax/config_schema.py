@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.variant = "released"      # OAT anchor: "released" (double softmax) or "paper" (eq. 1)
     config.anchor_gradient = config_dict.placeholder(bool)  # None = the variant's own behaviour
     config.seed = 0
+    config.num_seeds = 1             # replicas trained side by side in one program, seeds seed..seed+K-1
     config.train_limit = 0           # use only the first N training samples (0 = all)
     config.test_limit = 0            # use only the first N test samples (0 = all)
     config.fused_epoch = False       # one compiled loop per epoch, data on the device (fast on GPU)
@@ -93,5 +94,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
     require(0 <= config.momentum < 1, f"momentum must lie in [0, 1), got {config.momentum}")
     require(config.seed >= 0, f"seed must be non-negative, got {config.seed}")
+    require(config.num_seeds >= 1, f"num_seeds must be at least 1, got {config.num_seeds}")
     require(config.train_limit >= 0, f"train_limit must be non-negative (0 = all), got {config.train_limit}")
     require(config.test_limit >= 0, f"test_limit must be non-negative (0 = all), got {config.test_limit}")

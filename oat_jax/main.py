@@ -6,6 +6,7 @@ prints their test accuracies beside the paper's figure. ``--config.<field>=<valu
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -14,7 +15,7 @@ from ml_collections import config_flags
 
 from oat_jax import data
 from oat_jax.config_schema import ConfigError, validate_config
-from oat_jax.train import TrainingDiverged, WorkdirMismatch, train_and_evaluate
+from oat_jax.train import TrainingDiverged, WorkdirMismatch, request_stop, stop_requested, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and summary.json.")
@@ -59,8 +60,14 @@ def format_summary(summary: dict) -> str:
              f"({summary['dataset']['train_samples']} train / {summary['dataset']['test_samples']} test samples)",
              f"{'arm':<15}{'final':>8}{'best (epoch)':>16}" + (f"{'paper':>10}" if paper else "")]
     for arm, result in summary["arms"].items():
-        line = (f"{_ARM_NAMES[arm]:<15}{result['final_test_accuracy']:>8.2f}"
-                f"{result['best_test_accuracy']:>9.2f} ({result['best_epoch']:>3})")
+        seeds = len(result["seeds"])
+        if seeds == 1:
+            line = (f"{_ARM_NAMES[arm]:<15}{result['final_test_accuracy']:>8.2f}"
+                    f"{result['best_test_accuracy']:>9.2f} ({result['best_epoch']:>3})")
+        else:  # mean ± standard deviation over the seeds
+            line = (f"{_ARM_NAMES[arm]:<15}{result['final_test_accuracy']:>8.2f} ± "
+                    f"{result['final_test_accuracy_std']:.2f}{result['best_test_accuracy']:>9.2f} ± "
+                    f"{result['best_test_accuracy_std']:.2f} ({seeds} seeds)")
         if paper:
             line += f"{paper[arm]:>10.3f}"
         lines.append(line)
@@ -69,7 +76,17 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame):
+    """The first Ctrl-C or SIGTERM asks training to stop at the next step (a checkpoint being written is
+    completed); a second one stops at once."""
+    if stop_requested():
+        raise KeyboardInterrupt
+    request_stop()
+
+
 def main(argv):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     config, workdir = _CONFIG.value, _WORKDIR.value

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 
 class MetricsLog:
@@ -49,19 +50,30 @@ def _arm_summary(history: list[dict]) -> dict:
 
 
 def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
-    """Each arm's final and best test accuracy (%).
+    """Each arm's final and best test accuracy (%), per seed and as mean and standard deviation over seeds.
 
     The cross-entropy arm continues the shared pre-training, so its history is the pre-training epochs
     followed by its own; the OAT arm's best is taken over its OAT epochs only.
     """
     summary = {"arms": {}, "paper": paper if paper.get("source") else None}
-    pretrain = [r for r in records if r["arm"] == "pretrain"]
+    seeds = sorted({r["seed"] for r in records})
     for arm in arms:
-        history = [r for r in records if r["arm"] == arm]
-        if arm == "ce":
-            history = pretrain + history
-        if history:
-            summary["arms"][arm] = _arm_summary(sorted(history, key=lambda r: r["epoch"]))
+        per_seed = {}
+        for seed in seeds:
+            history = [r for r in records if r["seed"] == seed and (
+                r["arm"] == arm or (arm == "ce" and r["arm"] == "pretrain"))]
+            if any(r["arm"] == arm for r in history) or arm == "ce" and history:
+                per_seed[str(seed)] = _arm_summary(sorted(history, key=lambda r: r["epoch"]))
+        if not per_seed:
+            continue
+        result = {"seeds": per_seed, "final_epoch": max(s["final_epoch"] for s in per_seed.values())}
+        for key in ("final_test_accuracy", "best_test_accuracy"):
+            values = [s[key] for s in per_seed.values()]
+            result[key] = statistics.fmean(values)
+            result[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if len(per_seed) == 1:
+            result["best_epoch"] = next(iter(per_seed.values()))["best_epoch"]
+        summary["arms"][arm] = result
     return summary
 
 

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 
 import jax
@@ -20,12 +21,30 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from oat_jax import data, input_pipeline, models, oat
+from oat_jax import data, input_pipeline, models, oat, steps
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
 
 # Fields that may differ between a run and its resumption without changing its results.
 _COSMETIC_FIELDS = ("progress",)
+
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Asks a running ``train_and_evaluate`` to stop at its next step (from a signal handler, say); it then
+    raises KeyboardInterrupt with every finished epoch checkpointed."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def _stop_if_requested() -> None:
+    if _STOP.is_set():
+        raise KeyboardInterrupt
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,6 +66,11 @@ def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
 _model = functools.lru_cache(maxsize=None)(models.create_model)
 
 
+def replica_seeds(config) -> list[int]:
+    """The seeds of the ``num_seeds`` replicas trained side by side: seed, seed + 1, ..."""
+    return [config.seed + k for k in range(config.num_seeds)]
+
+
 def create_train_state(model, image_shape, config, seed: int) -> train_state.TrainState:
     params = model.init(jax.random.key(seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
     state = train_state.TrainState.create(apply_fn=model.apply, params=params,
@@ -56,77 +80,30 @@ def create_train_state(model, image_shape, config, seed: int) -> train_state.Tra
     return jax.device_put(state.replace(step=jnp.asarray(0, jnp.int32)), jax.devices()[0])
 
 
-def _masked_mean(values, mask):
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+def create_replicas(model, image_shape, config) -> train_state.TrainState:
+    """The states of all replicas stacked on a leading axis (K = num_seeds), each initialised from its seed."""
+    states = [create_train_state(model, image_shape, config, seed) for seed in replica_seeds(config)]
+    return jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *states), jax.devices()[0])
 
 
-def _normalise(images, mean, std):
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
+def _replica_batches(images, labels, orders, batch_size):
+    """Lockstep batches of K replicas, each in its own order: (K, B, ...) images, (K, B) labels and masks."""
+    for parts in zip(*(input_pipeline.batches(images, labels, order, batch_size) for order in orders)):
+        yield tuple(np.stack(arrays) for arrays in zip(*parts))
 
 
-def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient):
-    def loss_fn(params):
-        outputs = state.apply_fn({"params": params}, _normalise(images, mean, std))
-        if objective == "ce":
-            per_row = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
-            loss = _masked_mean(per_row, mask)
-        else:
-            loss = oat.oat_loss(outputs, labels, variant=variant, anchor_gradient=anchor_gradient, where=mask)
-        return loss, oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask)
-
-    (loss, anchor), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), loss, anchor
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "variant", "anchor_gradient"), donate_argnums=0)
-def train_step(state, images, labels, mask, mean, std, *, objective: str, variant: str = "released",
-               anchor_gradient: bool | None = None):
-    """One SGD step on a batch. ``objective`` is "ce" (cross-entropy) or "oat".
-
-    Returns the new state, the batch loss, and the batch's anchor (for "ce" the anchor its outputs would
-    have, for telemetry only). The anchor is computed inside the step from the batch's own outputs.
-    """
-    return _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient)
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "variant", "anchor_gradient", "batch_size"),
-                   donate_argnums=0)
-def train_epoch_fused(state, images, labels, order, num_real, mean, std, *, objective: str, batch_size: int,
-                      variant: str = "released", anchor_gradient: bool | None = None):
-    """A whole epoch as one compiled loop over device-resident data: the same steps as ``train_step`` on
-    the batches ``order`` (padded to whole batches; positions >= num_real are masked), without one
-    dispatch per step. Returns the state and the per-step losses, anchors and real-row counts."""
-    def body(state, batch):
-        positions = batch * batch_size + jnp.arange(batch_size)
-        index = jax.lax.dynamic_slice(order, (batch * batch_size,), (batch_size,))
-        mask = positions < num_real
-        state, loss, anchor = _sgd_step(state, images[index], labels[index], mask, mean, std, objective,
-                                        variant, anchor_gradient)
-        return state, (loss, anchor, jnp.sum(mask))
-
-    return jax.lax.scan(body, state, jnp.arange(order.shape[0] // batch_size))
-
-
-@functools.partial(jax.jit, static_argnames=("variant", "decodes"))
-def eval_step(state, images, labels, mask, mean, std, *, variant: str = "released",
-              decodes: tuple[str, ...] = ("ce", "oat")):
-    """Correct predictions among the real rows of a test batch, for each decoding in ``decodes``:
-    "ce" = argmax of the outputs; "oat" = argmax of a_test * (z + 1) with the batch's own anchor."""
-    outputs = state.apply_fn({"params": state.params}, _normalise(images, mean, std))
-    predictions = {"ce": lambda: jnp.argmax(outputs, axis=-1),
-                   "oat": lambda: oat.predict(outputs, variant=variant, where=mask)}
-    return {name: jnp.sum(mask & (predictions[name]() == labels)) for name in decodes}
-
-
-def evaluate(state, dataset: data.Dataset, config, mean, std,
-             decodes: tuple[str, ...] = ("ce", "oat")) -> dict[str, float]:
-    """Test accuracy (%) over every test sample, in batches of ``eval_batch_size``, per decoding."""
-    order = input_pipeline.eval_order(len(dataset.test_labels), config.seed, config.shuffle_eval)
-    counts = [eval_step(state, images, labels, mask, mean, std, variant=config.variant, decodes=decodes)
-              for images, labels, mask in input_pipeline.batches(dataset.test_images, dataset.test_labels, order,
-                                                                 config.eval_batch_size)]
-    counts = jax.device_get(counts)
-    return {name: 100.0 * sum(int(batch[name]) for batch in counts) / len(order) for name in decodes}
+def evaluate(states, dataset: data.Dataset, config, mean, std,
+             decodes: tuple[str, ...] = ("ce", "oat")) -> dict[str, list[float]]:
+    """Test accuracy (%) of each replica over every test sample, in batches of ``eval_batch_size``,
+    per decoding: {decode: [accuracy of replica k]}."""
+    orders = [input_pipeline.eval_order(len(dataset.test_labels), seed, config.shuffle_eval)
+              for seed in replica_seeds(config)]
+    counts = [steps.eval_step_replicas(states, images, labels, masks, mean, std, variant=config.variant,
+                                       decodes=decodes)
+              for images, labels, masks in _replica_batches(dataset.test_images, dataset.test_labels, orders,
+                                                            config.eval_batch_size)]
+    totals = {name: np.sum([batch[name] for batch in jax.device_get(counts)], axis=0) for name in decodes}
+    return {name: [100.0 * int(c) / len(dataset.test_labels) for c in totals[name]] for name in decodes}
 
 
 def _divergence_hint(objective, config):
@@ -136,42 +113,51 @@ def _divergence_hint(objective, config):
     return "the learning rate is likely too high for this model; lower learning_rate"
 
 
-def train_epoch(state, dataset, config, epoch, objective, mean, std, arm, on_device=None):
-    """One pass over the training set. Returns the new state, mean loss and the epoch's mean anchor.
+def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device=None):
+    """One pass over the training set for every replica. Returns the new states, each replica's mean loss
+    (K,) and mean anchor (K, C) over the epoch.
 
     With ``on_device`` = (images, labels) already on the device, the epoch runs as one compiled loop
-    (``train_epoch_fused``); otherwise step by step from host memory, with a progress bar."""
-    order = input_pipeline.epoch_order(len(dataset.train_labels), config.seed, epoch)
-    steps = input_pipeline.num_batches(len(order), config.batch_size)
+    (``steps.train_epoch_fused``); otherwise step by step from host memory, with a progress bar."""
+    seeds = replica_seeds(config)
+    orders = [input_pipeline.epoch_order(len(dataset.train_labels), seed, epoch) for seed in seeds]
+    count = input_pipeline.num_batches(len(orders[0]), config.batch_size)
     if on_device is not None:
-        padded = np.concatenate([order, np.full(steps * config.batch_size - len(order), order[0])])
-        state, (losses, anchors, weights) = train_epoch_fused(
-            state, *on_device, padded.astype(np.int32), len(order), mean, std, objective=objective,
+        padding = count * config.batch_size - len(orders[0])
+        padded = np.stack([np.concatenate([order, np.full(padding, order[0])]) for order in orders])
+        states, (losses, anchors, weights) = steps.train_epoch_fused(
+            states, *on_device, padded.astype(np.int32), len(orders[0]), mean, std, objective=objective,
             batch_size=config.batch_size, variant=config.variant, anchor_gradient=config.anchor_gradient)
     else:
         losses, anchors, weights = [], [], []
-        progress = tqdm(total=steps, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
+        progress = tqdm(total=count, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
                         disable=None if config.progress else True, file=sys.stderr)
-        for images, labels, mask in input_pipeline.batches(dataset.train_images, dataset.train_labels, order,
-                                                          config.batch_size):
-            state, loss, anchor = train_step(state, images, labels, mask, mean, std, objective=objective,
-                                             variant=config.variant, anchor_gradient=config.anchor_gradient)
+        for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, orders,
+                                                      config.batch_size):
+            states, loss, anchor = steps.train_step_replicas(states, images, labels, masks, mean, std,
+                                                             objective=objective, variant=config.variant,
+                                                             anchor_gradient=config.anchor_gradient)
             losses.append(loss)
             anchors.append(anchor)
-            weights.append(mask.sum())
+            weights.append(masks.sum(axis=1))
             progress.update()
+            _stop_if_requested()
         progress.close()
-        losses, anchors = jnp.stack(losses), jnp.stack(anchors)
-    losses = np.asarray(jax.device_get(losses), dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(losses))
+        losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(weights)
+    losses = np.asarray(jax.device_get(losses), dtype=np.float64)  # (steps, K)
+    bad = np.argwhere(~np.isfinite(losses))
     if bad.size:
+        step, replica = bad[0]
         raise TrainingDiverged(
-            f"training diverged: arm '{arm}', epoch {epoch}, step {bad[0] + 1} of {steps} has a non-finite "
-            f"loss ({losses[bad[0]]}); {_divergence_hint(objective, config)}. The last good checkpoint "
-            f"is kept.")
-    weights = np.asarray(jax.device_get(weights), dtype=np.float64)
-    mean_anchor = np.average(np.asarray(jax.device_get(anchors)), axis=0, weights=weights)
-    return state, float(np.average(losses, weights=weights)), mean_anchor
+            f"training diverged: arm '{arm}', epoch {epoch}, step {step + 1} of {count}"
+            + (f", seed {seeds[replica]}" if len(seeds) > 1 else "")
+            + f" has a non-finite loss ({losses[step, replica]}); {_divergence_hint(objective, config)}. "
+            "The last good checkpoint is kept.")
+    weights = np.asarray(jax.device_get(weights), dtype=np.float64)  # (steps, K)
+    anchors = np.asarray(jax.device_get(anchors), dtype=np.float64)  # (steps, K, C)
+    mean_losses = np.sum(losses * weights, axis=0) / np.sum(weights, axis=0)
+    mean_anchors = np.einsum("sk,skc->kc", weights, anchors) / np.sum(weights, axis=0)[:, None]
+    return states, mean_losses, mean_anchors
 
 
 def arms_of(method: str) -> list[str]:
@@ -194,29 +180,38 @@ def _check_workdir_config(workdir, config):
     write_json(path, current)
 
 
-def _run_phase(state, dataset, config, arm, objective, first_epoch, last_epoch, checkpoints, log, mean, std,
+def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch, checkpoints, log, mean, std,
                report, on_device):
-    """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each."""
+    """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each (a line per seed)."""
     for epoch in range(first_epoch, last_epoch + 1):
+        _stop_if_requested()
         started = time.perf_counter()
-        state, loss, mean_anchor = train_epoch(state, dataset, config, epoch, objective, mean, std, arm, on_device)
-        accuracy = evaluate(state, dataset, config, mean, std, decodes=(objective,))
-        record = {"arm": arm, "epoch": epoch, "objective": objective, "train_loss": loss,
-                  "test_accuracy": accuracy[objective], "epoch_seconds": time.perf_counter() - started}
-        if objective == "oat":
-            record.update({f"anchor_{k}": float(v) for k, v in oat.anchor_statistics(mean_anchor).items()})
-        # The line goes first: an epoch logged but not checkpointed is dropped and redone on resume.
-        log.append(record)
-        checkpoints.save(epoch, state)
-        report(record)
-    return state
+        states, losses, mean_anchors = train_epoch(states, dataset, config, epoch, objective, mean, std, arm,
+                                                   on_device)
+        accuracies = evaluate(states, dataset, config, mean, std, decodes=(objective,))[objective]
+        seconds = time.perf_counter() - started
+        records = []
+        for k, seed in enumerate(replica_seeds(config)):
+            record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": objective,
+                      "train_loss": float(losses[k]), "test_accuracy": accuracies[k], "epoch_seconds": seconds}
+            if objective == "oat":
+                record.update({f"anchor_{key}": float(value)
+                               for key, value in oat.anchor_statistics(mean_anchors[k]).items()})
+            records.append(record)
+        # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
+        for record in records:
+            log.append(record)
+        checkpoints.save(epoch, states)
+        for record in records:
+            report(record)
+    return states
 
 
 def _print_epoch(record):
     extra = ""
     if "anchor_entropy" in record:
         extra = f"  anchor H {record['anchor_entropy']:.3f} [{record['anchor_min']:.3f}, {record['anchor_max']:.3f}]"
-    print(f"[{record['arm']:>8}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
+    print(f"[{record['arm']:>8} seed {record['seed']}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
           f"test {record['test_accuracy']:6.2f}%  {record['epoch_seconds']:.1f}s{extra}", flush=True)
 
 
@@ -227,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
     dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit)
     model = _model(config.model, dataset.num_classes)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    template = create_train_state(model, dataset.train_images.shape[1:], config, config.seed)
+    template = create_replicas(model, dataset.train_images.shape[1:], config)
     on_device = jax.device_put((dataset.train_images, dataset.train_labels)) if config.fused_epoch else None
     arms = arms_of(config.method)
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in ["pretrain"] + arms}
@@ -253,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
             else:
                 state = managers["pretrain"].restore(config.pretrain_epochs, template)
                 if arm == "oat" and config.reset_momentum:
-                    state = state.replace(opt_state=state.tx.init(state.params))
+                    state = state.replace(opt_state=jax.vmap(state.tx.init)(state.params))
                 first = config.pretrain_epochs + 1
             _run_phase(state, dataset, config, arm, arm, first, config.num_epochs, managers[arm], log, mean, std,
                        report, on_device)

@@ -73,7 +73,7 @@ config.update_from_flattened_dict({{k: v for k, v in json.load(open(sys.argv[1] 
                                    if k != 'paper'}})
 dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit)
 mean, std = input_pipeline.channel_statistics(dataset.train_images)
-template = train.create_train_state(train._model(config.model, 10), (28, 28, 1), config, 0)
+template = train.create_replicas(train._model(config.model, 10), (28, 28, 1), config)
 manager = ArmCheckpoints(sys.argv[1], 'oat')
 state = manager.restore(manager.latest_epoch(), template)
 print(json.dumps(train.evaluate(state, dataset, config, mean, std)))
@@ -83,7 +83,7 @@ print(json.dumps(train.evaluate(state, dataset, config, mean, std)))
     assert out.returncode == 0, out.stderr[-3000:]
     accuracy = json.loads(out.stdout.strip().splitlines()[-1])
     summary = json.loads((workdir / "summary.json").read_text())
-    assert accuracy["oat"] == summary["arms"]["oat"]["final_test_accuracy"]
+    assert accuracy["oat"] == [summary["arms"]["oat"]["final_test_accuracy"]]
 
 
 @needs_fashion_mnist
@@ -144,3 +144,23 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(tmp_path / "empty") in result.stderr
+
+
+@needs_fashion_mnist
+def test_sigterm_stops_cleanly_and_the_run_resumes(finished_run, tmp_path):
+    expected = json.loads((finished_run[0] / "summary.json").read_text())
+    workdir = tmp_path / "terminated"
+    process = subprocess.Popen(_command(workdir, *QUICK), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    resumed = _run(workdir, *QUICK)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((workdir / "summary.json").read_text()) == expected

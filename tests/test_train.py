@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oat_jax import data, input_pipeline, models, oat, train
+from oat_jax import data, input_pipeline, models, oat, steps, train
 from oat_jax.checkpoints import ArmCheckpoints
 
 
@@ -29,12 +29,12 @@ def test_padded_rows_do_not_change_a_step(synthetic_config, objective):
     state, dataset, mean, std = _state_and_data(synthetic_config)
     images, labels = dataset.train_images[:5], dataset.train_labels[:5]
     copy = lambda s: jax.tree.map(jnp.array, s)  # the step donates its input state
-    real, loss_real, anchor_real = train.train_step(copy(state), images, labels, np.ones(5, bool), mean, std,
+    real, loss_real, anchor_real = steps.train_step(copy(state), images, labels, np.ones(5, bool), mean, std,
                                                     objective=objective)
     padded_images = np.concatenate([images, dataset.train_images[100:103]])
     padded_labels = np.concatenate([labels, dataset.train_labels[100:103]])
     mask = np.array([True] * 5 + [False] * 3)
-    padded, loss_padded, anchor_padded = train.train_step(copy(state), padded_images, padded_labels, mask, mean,
+    padded, loss_padded, anchor_padded = steps.train_step(copy(state), padded_images, padded_labels, mask, mean,
                                                           std, objective=objective)
     np.testing.assert_allclose(loss_real, loss_padded, rtol=1e-5)
     np.testing.assert_allclose(anchor_real, anchor_padded, rtol=1e-5)
@@ -46,34 +46,38 @@ def test_oat_step_descends_the_oat_loss(synthetic_config):
     state, dataset, mean, std = _state_and_data(synthetic_config)
     images, labels, mask = dataset.train_images[:16], dataset.train_labels[:16], np.ones(16, bool)
     params = jax.tree.map(jnp.array, state.params)
-    new_state, loss_before, _ = train.train_step(state, images, labels, mask, mean, std, objective="oat")
-    outputs = new_state.apply_fn({"params": new_state.params}, train._normalise(images, mean, std))
-    before = new_state.apply_fn({"params": params}, train._normalise(images, mean, std))
+    new_state, loss_before, _ = steps.train_step(state, images, labels, mask, mean, std, objective="oat")
+    outputs = new_state.apply_fn({"params": new_state.params}, steps.normalise(images, mean, std))
+    before = new_state.apply_fn({"params": params}, steps.normalise(images, mean, std))
     np.testing.assert_allclose(loss_before, oat.oat_loss(before, labels), rtol=1e-5)
     assert oat.oat_loss(outputs, labels) < loss_before
 
 
 @pytest.mark.parametrize("eval_batch_size", [1, 7, 32, 200])
 def test_evaluation_counts_every_test_sample_once(synthetic_config, eval_batch_size):
-    state, dataset, mean, std = _state_and_data(synthetic_config)
     synthetic_config.eval_batch_size = eval_batch_size
     synthetic_config.shuffle_eval = False
-    accuracy = train.evaluate(state, dataset, synthetic_config, mean, std)
-    outputs = np.asarray(state.apply_fn({"params": state.params},
-                                        train._normalise(dataset.test_images, mean, std)))
+    synthetic_config.num_seeds = 2
+    dataset = data.load_dataset(synthetic_config.dataset)
+    mean, std = input_pipeline.channel_statistics(dataset.train_images)
+    states = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
+    accuracy = train.evaluate(states, dataset, synthetic_config, mean, std)
     labels = dataset.test_labels
-    expected_ce = 100.0 * np.mean(outputs.argmax(-1) == labels)
-    # OAT: decode each consecutive batch with that batch's own anchor (independent NumPy computation)
-    correct = 0
-    for start in range(0, len(labels), eval_batch_size):
-        z = outputs[start:start + eval_batch_size].astype(np.float64)
-        soft = np.exp(z - z.max(1, keepdims=True))
-        soft /= soft.sum(1, keepdims=True)
-        centre = soft.mean(0)
-        anchor = np.exp(centre) / np.exp(centre).sum()
-        correct += np.sum(np.argmax(anchor * (z + 1), axis=1) == labels[start:start + eval_batch_size])
-    assert accuracy["ce"] == pytest.approx(expected_ce, abs=1e-9)
-    assert accuracy["oat"] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
+    for k in range(2):
+        params = jax.tree.map(lambda leaf: leaf[k], states.params)
+        outputs = np.asarray(states.apply_fn({"params": params}, steps.normalise(dataset.test_images, mean, std)))
+        expected_ce = 100.0 * np.mean(outputs.argmax(-1) == labels)
+        # OAT: decode each consecutive batch with that batch's own anchor (independent NumPy computation)
+        correct = 0
+        for start in range(0, len(labels), eval_batch_size):
+            z = outputs[start:start + eval_batch_size].astype(np.float64)
+            soft = np.exp(z - z.max(1, keepdims=True))
+            soft /= soft.sum(1, keepdims=True)
+            centre = soft.mean(0)
+            anchor = np.exp(centre) / np.exp(centre).sum()
+            correct += np.sum(np.argmax(anchor * (z + 1), axis=1) == labels[start:start + eval_batch_size])
+        assert accuracy["ce"][k] == pytest.approx(expected_ce, abs=1e-9)
+        assert accuracy["oat"][k] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
 
 
 def _run(config, workdir, stop_after=None):
@@ -110,7 +114,7 @@ def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, t
         _, records = _run(synthetic_config, tmp_path / str(reset))
         losses[reset] = [r["train_loss"] for r in records if r["arm"] == "oat"]
     pre = ArmCheckpoints(str(tmp_path / "True"), "pretrain")
-    template = _state_and_data(synthetic_config)[0]
+    template = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
     momentum = pre.restore(2, template).opt_state
     pre.close()
     assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(momentum))  # there was momentum to reset
@@ -136,14 +140,16 @@ def test_interrupted_run_resumes_to_the_same_result(synthetic_config, tmp_path):
 
 def test_checkpoints_restore_the_evaluated_state(synthetic_config, tmp_path):
     summary, _ = _run(synthetic_config, tmp_path)
-    state, dataset, mean, std = _state_and_data(synthetic_config)
+    dataset = data.load_dataset(synthetic_config.dataset)
+    mean, std = input_pipeline.channel_statistics(dataset.train_images)
+    template = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
     for arm in ("ce", "oat"):
         manager = ArmCheckpoints(str(tmp_path), arm)
         assert manager.latest_epoch() == synthetic_config.num_epochs
-        restored = manager.restore(manager.latest_epoch(), state)
+        restored = manager.restore(manager.latest_epoch(), template)
         manager.close()
         accuracy = train.evaluate(restored, dataset, synthetic_config, mean, std)[arm]
-        assert accuracy == summary["arms"][arm]["final_test_accuracy"]
+        assert accuracy == [summary["arms"][arm]["final_test_accuracy"]]
 
 
 def test_a_workdir_with_another_config_is_refused(synthetic_config, tmp_path):
@@ -166,16 +172,45 @@ def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_p
 
 @pytest.mark.parametrize("objective", ["ce", "oat"])
 def test_fused_epoch_gives_the_step_by_step_result(synthetic_config, objective):
-    """The compiled whole-epoch loop (fast path) and the per-step loop (plain path) train the same model:
-    13 batches of 16, the last one partial and masked."""
-    state, dataset, mean, std = _state_and_data(synthetic_config)
+    """The compiled whole-epoch loop (fast path) and the per-step loop (plain path) train the same models:
+    2 replicas, 13 batches of 16, the last one partial and masked."""
+    synthetic_config.num_seeds = 2
+    dataset = data.load_dataset(synthetic_config.dataset)
+    mean, std = input_pipeline.channel_statistics(dataset.train_images)
+    states = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
     copy = lambda s: jax.tree.map(jnp.array, s)
-    plain, plain_loss, plain_anchor = train.train_epoch(copy(state), dataset, synthetic_config, 1, objective, mean,
-                                                        std, objective)
+    plain, plain_loss, plain_anchor = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective,
+                                                        mean, std, objective)
     on_device = jax.device_put((dataset.train_images, dataset.train_labels))
-    fused, fused_loss, fused_anchor = train.train_epoch(copy(state), dataset, synthetic_config, 1, objective, mean,
-                                                        std, objective, on_device=on_device)
-    assert int(fused.step) == int(plain.step) == 13
-    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-4)
-    np.testing.assert_allclose(fused_anchor, plain_anchor, rtol=1e-4)
-    _leaves_close(fused.params, plain.params, rtol=1e-3, atol=1e-5)
+    fused, fused_loss, fused_anchor = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective,
+                                                        mean, std, objective, on_device=on_device)
+    assert np.asarray(fused.step).tolist() == np.asarray(plain.step).tolist() == [13, 13]
+    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-5)
+    np.testing.assert_allclose(fused_anchor, plain_anchor, rtol=1e-5)
+    _leaves_close(fused.params, plain.params, rtol=1e-5, atol=1e-6)
+
+
+def test_replicas_train_like_separate_runs(synthetic_config, tmp_path):
+    """num_seeds=2 in one program gives each seed what a separate run with that seed gives: parameters
+    after both arms, and the per-seed summaries."""
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 3, 1
+    synthetic_config.num_seeds = 2
+    together, _ = _run(synthetic_config, tmp_path / "together")
+    shape = (16, 16, 1)
+    model = train._model("lightweight", 4)
+    stacked = ArmCheckpoints(str(tmp_path / "together"), "oat")
+    both = stacked.restore(3, train.create_replicas(model, shape, synthetic_config))
+    stacked.close()
+    synthetic_config.num_seeds = 1
+    for k, seed in enumerate((0, 1)):
+        synthetic_config.seed = seed
+        alone, _ = _run(synthetic_config, tmp_path / f"seed{seed}")
+        for arm in ("ce", "oat"):
+            assert together["arms"][arm]["seeds"][str(seed)] == alone["arms"][arm]["seeds"][str(seed)]
+        single = ArmCheckpoints(str(tmp_path / f"seed{seed}"), "oat")
+        params = single.restore(3, train.create_replicas(model, shape, synthetic_config)).params
+        single.close()
+        _leaves_close(jax.tree.map(lambda leaf: leaf[k], both.params), jax.tree.map(lambda leaf: leaf[0], params),
+                      rtol=1e-5, atol=1e-6)
+    assert together["arms"]["oat"]["final_test_accuracy"] == pytest.approx(np.mean(
+        [together["arms"]["oat"]["seeds"][s]["final_test_accuracy"] for s in ("0", "1")]))

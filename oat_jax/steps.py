@@ -1,0 +1,106 @@
+"""The jitted, pure steps: one SGD step (cross-entropy or OAT), a whole fused epoch, and an evaluation step.
+
+Each comes for one model and for a stack of independent replicas (seeds) trained side by side in one
+compiled program: the ``*_replicas`` functions vmap the single-replica step over a leading replica axis of
+the state and of the batch, so every replica keeps its own parameters, data order and anchors.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from oat_jax import oat
+
+_TRAIN_STATIC = ("objective", "variant", "anchor_gradient")
+
+
+def normalise(images, mean, std):
+    """uint8 images -> float32, standardised per channel (done on the device, inside the step)."""
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def _masked_mean(values, mask):
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient):
+    def loss_fn(params):
+        outputs = state.apply_fn({"params": params}, normalise(images, mean, std))
+        if objective == "ce":
+            loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels), mask)
+        else:
+            loss = oat.oat_loss(outputs, labels, variant=variant, anchor_gradient=anchor_gradient, where=mask)
+        return loss, oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask)
+
+    (loss, anchor), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), loss, anchor
+
+
+@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
+def train_step(state, images, labels, mask, mean, std, *, objective: str, variant: str = "released",
+               anchor_gradient: bool | None = None):
+    """One SGD step on a batch (B, H, W, C) uint8 with labels (B,) and mask (B,) of real rows.
+    ``objective`` is "ce" (cross-entropy) or "oat".
+
+    Returns the new state, the batch loss, and the batch's anchor (C,), computed inside the step from the
+    batch's own outputs (for "ce" only as telemetry).
+    """
+    return _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient)
+
+
+@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
+def train_step_replicas(states, images, labels, masks, mean, std, *, objective: str, variant: str = "released",
+                        anchor_gradient: bool | None = None):
+    """``train_step`` for K replicas at once: states and batches carry a leading axis K
+    (images (K, B, H, W, C), labels and masks (K, B)); returns losses (K,) and anchors (K, C)."""
+    step = functools.partial(_sgd_step, mean=mean, std=std, objective=objective, variant=variant,
+                             anchor_gradient=anchor_gradient)
+    return jax.vmap(step)(states, images, labels, masks)
+
+
+@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC + ("batch_size",), donate_argnums=0)
+def train_epoch_fused(states, images, labels, orders, num_real, mean, std, *, objective: str, batch_size: int,
+                      variant: str = "released", anchor_gradient: bool | None = None):
+    """A whole epoch of K replicas as one compiled loop over device-resident data (N, H, W, C) / (N,).
+
+    ``orders`` (K, S·B) holds each replica's sample order padded to S whole batches; positions >= num_real
+    are masked. The same steps as ``train_step_replicas``, without one dispatch per step. Returns the states
+    and per-step losses (S, K), anchors (S, K, C) and real-row counts (S, K).
+    """
+    step = functools.partial(_sgd_step, mean=mean, std=std, objective=objective, variant=variant,
+                             anchor_gradient=anchor_gradient)
+
+    def body(states, batch):
+        index = jax.lax.dynamic_slice_in_dim(orders, batch * batch_size, batch_size, axis=1)  # (K, B)
+        mask = batch * batch_size + jnp.arange(batch_size) < num_real
+        masks = jnp.broadcast_to(mask, index.shape)
+        states, losses, anchors = jax.vmap(step)(states, images[index], labels[index], masks)
+        return states, (losses, anchors, jnp.sum(masks, axis=1))
+
+    return jax.lax.scan(body, states, jnp.arange(orders.shape[1] // batch_size))
+
+
+def _correct(state, images, labels, mask, mean, std, variant, decodes):
+    outputs = state.apply_fn({"params": state.params}, normalise(images, mean, std))
+    predictions = {"ce": lambda: jnp.argmax(outputs, axis=-1),
+                   "oat": lambda: oat.predict(outputs, variant=variant, where=mask)}
+    return {name: jnp.sum(mask & (predictions[name]() == labels)) for name in decodes}
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "decodes"))
+def eval_step(state, images, labels, mask, mean, std, *, variant: str = "released",
+              decodes: tuple[str, ...] = ("ce", "oat")):
+    """Correct predictions among the real rows of a test batch, for each decoding in ``decodes``:
+    "ce" = argmax of the outputs; "oat" = argmax of a_test * (z + 1) with the batch's own anchor."""
+    return _correct(state, images, labels, mask, mean, std, variant, decodes)
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "decodes"))
+def eval_step_replicas(states, images, labels, masks, mean, std, *, variant: str = "released",
+                       decodes: tuple[str, ...] = ("ce", "oat")):
+    """``eval_step`` for K replicas, each on its own batch; counts of shape (K,)."""
+    correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes)
+    return jax.vmap(correct)(states, images, labels, masks)
