@@ -1,7 +1,7 @@
 """The jitted, pure steps: one SGD step (cross-entropy or OAT), a whole fused epoch, and an evaluation step.
 
 Each comes for one model and for a stack of independent replicas (seeds) trained side by side in one
-compiled program: the ``*_replicas`` functions vmap the single-replica step over a leading replica axis of
+compiled program: the ``*_replicas`` functions map the single-replica step over a leading replica axis of
 the state and of the batch, so every replica keeps its own parameters, data order and anchors.
 """
 from __future__ import annotations
@@ -15,6 +15,31 @@ import optax
 from oat_jax import oat
 
 _TRAIN_STATIC = ("objective", "variant", "anchor_gradient")
+
+
+def _over_replicas(fn):
+    """Applies ``fn`` to each replica (leading axis K) of its arguments inside one compiled program.
+
+    One replica: ``fn`` itself. Several: ``vmap`` on accelerators; on XLA:CPU, K unrolled copies of ``fn``,
+    because there a vmapped convolution over per-replica weights becomes a grouped convolution and a
+    ``lax.map`` loop runs its body slowly: measured per seed at K = 4, both took about 2.5x the time of one
+    replica, unrolled copies less than one replica (benchmarks.step_time's seeds figure).
+    """
+    def over(*args):
+        replicas = jax.tree.leaves(args)[0].shape[0]
+        if replicas == 1:
+            squeezed = jax.tree.map(lambda leaf: leaf[0], args)
+            return jax.tree.map(lambda leaf: leaf[None], fn(*squeezed))
+        if _vectorise_replicas():
+            return jax.vmap(fn)(*args)
+        # Unrolled: K independent copies of the step in one program, which XLA:CPU may run concurrently.
+        results = [fn(*jax.tree.map(lambda leaf: leaf[k], args)) for k in range(replicas)]
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *results)
+    return over
+
+
+def _vectorise_replicas() -> bool:
+    return jax.default_backend() != "cpu"
 
 
 def normalise(images, mean, std):
@@ -58,7 +83,7 @@ def train_step_replicas(states, images, labels, masks, mean, std, *, objective: 
     (images (K, B, H, W, C), labels and masks (K, B)); returns losses (K,) and anchors (K, C)."""
     step = functools.partial(_sgd_step, mean=mean, std=std, objective=objective, variant=variant,
                              anchor_gradient=anchor_gradient)
-    return jax.vmap(step)(states, images, labels, masks)
+    return _over_replicas(step)(states, images, labels, masks)
 
 
 @functools.partial(jax.jit, static_argnames=_TRAIN_STATIC + ("batch_size",), donate_argnums=0)
@@ -77,7 +102,7 @@ def train_epoch_fused(states, images, labels, orders, num_real, mean, std, *, ob
         index = jax.lax.dynamic_slice_in_dim(orders, batch * batch_size, batch_size, axis=1)  # (K, B)
         mask = batch * batch_size + jnp.arange(batch_size) < num_real
         masks = jnp.broadcast_to(mask, index.shape)
-        states, losses, anchors = jax.vmap(step)(states, images[index], labels[index], masks)
+        states, losses, anchors = _over_replicas(step)(states, images[index], labels[index], masks)
         return states, (losses, anchors, jnp.sum(masks, axis=1))
 
     return jax.lax.scan(body, states, jnp.arange(orders.shape[1] // batch_size))
@@ -103,4 +128,4 @@ def eval_step_replicas(states, images, labels, masks, mean, std, *, variant: str
                        decodes: tuple[str, ...] = ("ce", "oat")):
     """``eval_step`` for K replicas, each on its own batch; counts of shape (K,)."""
     correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes)
-    return jax.vmap(correct)(states, images, labels, masks)
+    return _over_replicas(correct)(states, images, labels, masks)

@@ -190,9 +190,13 @@ def test_fused_epoch_gives_the_step_by_step_result(synthetic_config, objective):
     _leaves_close(fused.params, plain.params, rtol=1e-5, atol=1e-6)
 
 
-def test_replicas_train_like_separate_runs(synthetic_config, tmp_path):
+@pytest.mark.parametrize("vectorised", [False, True], ids=["replica-loop", "vmap"])
+def test_replicas_train_like_separate_runs(synthetic_config, tmp_path, monkeypatch, request, vectorised):
     """num_seeds=2 in one program gives each seed what a separate run with that seed gives: parameters
-    after both arms, and the per-seed summaries."""
+    after both arms, and the per-seed summaries; with the replicas looped (XLA:CPU) or vmapped (GPUs)."""
+    monkeypatch.setattr(steps, "_vectorise_replicas", lambda: vectorised)
+    jax.clear_caches()  # compiled steps of the other mapping must not be reused, here or after
+    request.addfinalizer(jax.clear_caches)
     synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 3, 1
     synthetic_config.num_seeds = 2
     together, _ = _run(synthetic_config, tmp_path / "together")
