@@ -15,9 +15,12 @@ class ArmCheckpoints:
 
     def __init__(self, workdir: str, arm: str, max_to_keep: int = 2):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints", arm)
-        # Two are kept so that the previous epoch survives while the next one is being written.
+        # Two are kept so that the previous epoch survives while the next one is being written. Saving is
+        # synchronous: the states are small (a tenth of a second here), and an epoch's checkpoint is then
+        # complete on disk before the next epoch starts, with no background threads competing for the CPU.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                                 enable_async_checkpointing=False))
 
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
@@ -27,7 +30,6 @@ class ArmCheckpoints:
 
     def restore(self, epoch: int, template):
         """The state saved at ``epoch``, with the structure (and static fields) of ``template``."""
-        self._manager.wait_until_finished()  # a save of this epoch may still be in flight
         return self._manager.restore(epoch, args=ocp.args.StandardRestore(template))
 
     def close(self) -> None:
