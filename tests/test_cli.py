@@ -63,14 +63,14 @@ def test_checkpoints_exist_and_restore(finished_run):
     for arm, epoch in (("pretrain", 1), ("ce", 3), ("oat", 3)):
         assert (workdir / "checkpoints" / arm / str(epoch)).is_dir()
     # Restore the OAT arm's final state in a fresh process and evaluate it: the summary's figure comes back.
-    code = f"""
+    code = """
 import json, sys
 from oat_jax import data, input_pipeline, train
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.config_schema import base_config
 config = base_config()
-config.update_from_flattened_dict({{k: v for k, v in json.load(open(sys.argv[1] + '/config.json')).items()
-                                   if k != 'paper'}})
+config.update_from_flattened_dict({k: v for k, v in json.load(open(sys.argv[1] + '/config.json')).items()
+                                   if k != 'paper'})
 dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit)
 mean, std = input_pipeline.channel_statistics(dataset.train_images)
 template = train.create_replicas(train._model(config.model, 10), (28, 28, 1), config)

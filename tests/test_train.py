@@ -1,6 +1,5 @@
 """Training loop: masked steps, evaluation of every test sample, two-phase branching and resuming."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
