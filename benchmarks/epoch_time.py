@@ -80,7 +80,7 @@ def _measure(dataset_name, args) -> dict:
     config = base_config()
     config.dataset, config.model, config.progress = dataset_name, args.model, False
     dataset = data.load_dataset(dataset_name, train_limit=args.train_limit)
-    model = train._model(args.model, dataset.num_classes)
+    model = train.cached_model(args.model, dataset.num_classes)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
     shape = dataset.train_images.shape[1:]
     result = {"train_samples": len(dataset.train_labels), "test_samples": len(dataset.test_labels),

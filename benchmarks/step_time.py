@@ -78,7 +78,7 @@ def _time_train_steps(args, config, model, objective, replicas):
 def _jax_figures(args) -> dict:
     config = base_config()
     config.variant = args.variant
-    model = train._model(args.model, args.num_classes)
+    model = train.cached_model(args.model, args.num_classes)
     figures = {"train_ms": {}, "eval_ms": {}, "first_call_s": {}, "seeds": {}}
     for objective in ("ce", "oat"):
         first, stats, states = _time_train_steps(args, config, model, objective, replicas=1)

@@ -63,7 +63,7 @@ def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
 
 
 # One module object per (name, classes): its apply method is a static part of the steps' signature too.
-_model = functools.lru_cache(maxsize=None)(models.create_model)
+cached_model = functools.lru_cache(maxsize=None)(models.create_model)
 
 
 def replica_seeds(config) -> list[int]:
@@ -217,10 +217,11 @@ def _print_epoch(record):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
     """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json)."""
+    _STOP.clear()  # a stop asked of an earlier run in this process does not carry over
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(workdir, config)
     dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit)
-    model = _model(config.model, dataset.num_classes)
+    model = cached_model(config.model, dataset.num_classes)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
     template = create_replicas(model, dataset.train_images.shape[1:], config)
     on_device = jax.device_put((dataset.train_images, dataset.train_labels)) if config.fused_epoch else None

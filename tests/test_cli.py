@@ -73,7 +73,7 @@ config.update_from_flattened_dict({k: v for k, v in json.load(open(sys.argv[1] +
                                    if k != 'paper'})
 dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit)
 mean, std = input_pipeline.channel_statistics(dataset.train_images)
-template = train.create_replicas(train._model(config.model, 10), (28, 28, 1), config)
+template = train.create_replicas(train.cached_model(config.model, 10), (28, 28, 1), config)
 manager = ArmCheckpoints(sys.argv[1], 'oat')
 state = manager.restore(manager.latest_epoch(), template)
 print(json.dumps(train.evaluate(state, dataset, config, mean, std)))

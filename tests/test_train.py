@@ -59,7 +59,7 @@ def test_evaluation_counts_every_test_sample_once(synthetic_config, eval_batch_s
     synthetic_config.num_seeds = 2
     dataset = data.load_dataset(synthetic_config.dataset)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    states = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
+    states = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
     accuracy = train.evaluate(states, dataset, synthetic_config, mean, std)
     labels = dataset.test_labels
     for k in range(2):
@@ -113,7 +113,7 @@ def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, t
         _, records = _run(synthetic_config, tmp_path / str(reset))
         losses[reset] = [r["train_loss"] for r in records if r["arm"] == "oat"]
     pre = ArmCheckpoints(str(tmp_path / "True"), "pretrain")
-    template = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
+    template = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
     momentum = pre.restore(2, template).opt_state
     pre.close()
     assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(momentum))  # there was momentum to reset
@@ -141,7 +141,7 @@ def test_checkpoints_restore_the_evaluated_state(synthetic_config, tmp_path):
     summary, _ = _run(synthetic_config, tmp_path)
     dataset = data.load_dataset(synthetic_config.dataset)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    template = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
+    template = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
     for arm in ("ce", "oat"):
         manager = ArmCheckpoints(str(tmp_path), arm)
         assert manager.latest_epoch() == synthetic_config.num_epochs
@@ -176,7 +176,7 @@ def test_fused_epoch_gives_the_step_by_step_result(synthetic_config, objective):
     synthetic_config.num_seeds = 2
     dataset = data.load_dataset(synthetic_config.dataset)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    states = train.create_replicas(train._model("lightweight", 4), (16, 16, 1), synthetic_config)
+    states = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
     copy = lambda s: jax.tree.map(jnp.array, s)
     plain, plain_loss, plain_anchor = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective,
                                                         mean, std, objective)
@@ -200,7 +200,7 @@ def test_replicas_train_like_separate_runs(synthetic_config, tmp_path, monkeypat
     synthetic_config.num_seeds = 2
     together, _ = _run(synthetic_config, tmp_path / "together")
     shape = (16, 16, 1)
-    model = train._model("lightweight", 4)
+    model = train.cached_model("lightweight", 4)
     stacked = ArmCheckpoints(str(tmp_path / "together"), "oat")
     both = stacked.restore(3, train.create_replicas(model, shape, synthetic_config))
     stacked.close()
