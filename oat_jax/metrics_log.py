@@ -62,7 +62,7 @@ def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
         for seed in seeds:
             history = [r for r in records if r["seed"] == seed and (
                 r["arm"] == arm or (arm == "ce" and r["arm"] == "pretrain"))]
-            if any(r["arm"] == arm for r in history) or arm == "ce" and history:
+            if history and (arm == "ce" or any(r["arm"] == arm for r in history)):
                 per_seed[str(seed)] = _arm_summary(sorted(history, key=lambda r: r["epoch"]))
         if not per_seed:
             continue

@@ -1,8 +1,9 @@
 """The jitted, pure steps: one SGD step (cross-entropy or OAT), a whole fused epoch, and an evaluation step.
 
-Each comes for one model and for a stack of independent replicas (seeds) trained side by side in one
-compiled program: the ``*_replicas`` functions map the single-replica step over a leading replica axis of
-the state and of the batch, so every replica keeps its own parameters, data order and anchors.
+The training loop runs a stack of independent replicas (seeds) side by side in one compiled program: the
+``*_replicas`` functions map the single-replica step over a leading replica axis of the state and of the
+batch, so every replica keeps its own parameters, data order and anchors. ``train_step`` is the same step
+for a single model, for use in one's own loop.
 """
 from __future__ import annotations
 
@@ -116,16 +117,10 @@ def _correct(state, images, labels, mask, mean, std, variant, decodes):
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "decodes"))
-def eval_step(state, images, labels, mask, mean, std, *, variant: str = "released",
-              decodes: tuple[str, ...] = ("ce", "oat")):
-    """Correct predictions among the real rows of a test batch, for each decoding in ``decodes``:
-    "ce" = argmax of the outputs; "oat" = argmax of a_test * (z + 1) with the batch's own anchor."""
-    return _correct(state, images, labels, mask, mean, std, variant, decodes)
-
-
-@functools.partial(jax.jit, static_argnames=("variant", "decodes"))
 def eval_step_replicas(states, images, labels, masks, mean, std, *, variant: str = "released",
                        decodes: tuple[str, ...] = ("ce", "oat")):
-    """``eval_step`` for K replicas, each on its own batch; counts of shape (K,)."""
+    """Correct predictions among the real rows of each replica's test batch (K replicas, leading axis K),
+    for each decoding in ``decodes``: "ce" = argmax of the outputs; "oat" = argmax of a_test * (z + 1) with
+    the batch's own anchor. Counts of shape (K,)."""
     correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes)
     return _over_replicas(correct)(states, images, labels, masks)
