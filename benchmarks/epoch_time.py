@@ -37,7 +37,7 @@ def _parse():
 @functools.partial(jax.jit, static_argnames=("variant",))
 def _class_anchor_sums(state, images, labels, mask, mean, std, *, variant):
     """Per-class sums of each sample's own anchor (a batch of one), for the class-anchor alternative."""
-    outputs = state.apply_fn({"params": state.params}, steps.normalise(images, mean, std))
+    outputs = state.apply_fn(state.variables(), steps.normalise(images, mean, std), train=False)
     own = jax.vmap(lambda z: oat.batch_anchor(z[None], variant=variant))(outputs)
     onehot = jax.nn.one_hot(labels, outputs.shape[-1]) * mask[:, None]
     return onehot.T @ own, onehot.sum(axis=0)
@@ -46,7 +46,7 @@ def _class_anchor_sums(state, images, labels, mask, mean, std, *, variant):
 @functools.partial(jax.jit, static_argnames=("variant",))
 def _nearest_class_anchor_correct(state, images, labels, mask, mean, std, class_anchors, *, variant):
     """Decodes each test sample with the precomputed class anchor nearest to its own anchor."""
-    outputs = state.apply_fn({"params": state.params}, steps.normalise(images, mean, std))
+    outputs = state.apply_fn(state.variables(), steps.normalise(images, mean, std), train=False)
     own = jax.vmap(lambda z: oat.batch_anchor(z[None], variant=variant))(outputs)
     distances = jnp.sum(jnp.square(own[:, None, :] - class_anchors[None]), axis=-1)
     anchors = class_anchors[jnp.argmin(distances, axis=-1)]

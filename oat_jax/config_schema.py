@@ -11,6 +11,7 @@ from ml_collections import config_dict
 from oat_jax import data, models, oat
 
 METHODS = ("both", "ce", "oat")
+NORMALISATIONS = ("dataset", "imagenet")
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset = "fashion_mnist"
     config.data_dir = ""             # local dataset folder; "" = $OAT_DATA_DIR, system copies, then tfds
     config.model = "lightweight"
+    config.dropout_rate = 0.0        # for models with dropout (wrn28_10, vit_l16)
+    config.pretrained_weights = ""   # "" = random init; a .pth/.safetensors/.npz file or "torchvision:<model>"
+    config.image_size = 0            # resize images to image_size x image_size when loading (0 = as stored)
+    config.normalisation = "dataset" # "dataset" = the training set's channel statistics, or "imagenet"
     config.num_epochs = 100          # total, pre-training included
     config.pretrain_epochs = 10      # cross-entropy epochs before OAT starts
     config.batch_size = 32
@@ -40,8 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.test_limit = 0            # use only the first N test samples (0 = all)
     config.fused_epoch = False       # one compiled loop per epoch, data on the device (fast on GPU)
     config.progress = True           # progress bar on a terminal
-    # The paper's figure for this experiment, printed beside ours; source "" = the paper has none.
-    config.paper = ml_collections.ConfigDict({"source": "", "ce": 0.0, "oat": 0.0})
+    # The paper's figures for this experiment (table "" = the paper has none), printed beside ours and
+    # used by ``python -m oat_jax.report`` to place the run in the paper's table.
+    config.paper = ml_collections.ConfigDict({"table": "", "setting": "", "ce": 0.0, "oat": 0.0})
     return config
 
 
@@ -84,6 +90,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.method in METHODS, f"method must be one of {', '.join(METHODS)}, got '{config.method}'")
     require(config.variant in oat.VARIANTS,
             f"variant must be one of {', '.join(oat.VARIANTS)}, got '{config.variant}'")
+    require(config.normalisation in NORMALISATIONS,
+            f"normalisation must be one of {', '.join(NORMALISATIONS)}, got '{config.normalisation}'")
+    require(0 <= config.dropout_rate < 1, f"dropout_rate must lie in [0, 1), got {config.dropout_rate}")
+    require(config.image_size >= 0, f"image_size must be non-negative (0 = as stored), got {config.image_size}")
     require(config.num_epochs >= 1, f"num_epochs must be at least 1, got {config.num_epochs}")
     require(0 <= config.pretrain_epochs <= config.num_epochs,
             f"pretrain_epochs must lie in 0..num_epochs ({config.num_epochs}), got {config.pretrain_epochs}")
@@ -97,3 +107,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.num_seeds >= 1, f"num_seeds must be at least 1, got {config.num_seeds}")
     require(config.train_limit >= 0, f"train_limit must be non-negative (0 = all), got {config.train_limit}")
     require(config.test_limit >= 0, f"test_limit must be non-negative (0 = all), got {config.test_limit}")
+
+
+def finetune_config(dataset: str, model: str) -> ml_collections.ConfigDict:
+    """The paper's Tables 5-7 protocol: an ImageNet-pretrained torchvision model with a new linear head,
+    fine-tuned on images resized to 224x224 and standardised with ImageNet's statistics."""
+    config = base_config()
+    config.dataset = dataset
+    config.model = model
+    config.pretrained_weights = f"torchvision:{model}"
+    config.image_size = 224
+    config.normalisation = "imagenet"
+    return config

@@ -45,7 +45,8 @@ def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of uint8 images (N, H, W, C), on the [0, 1] scale."""
     mean = np.zeros(images.shape[-1])
     square = np.zeros(images.shape[-1])
-    for chunk in np.array_split(images, max(1, len(images) // 4096)):  # bounded float64 memory
+    per_chunk = max(1, 2**22 // max(1, images[0].size))  # about 32 MB of float64 a chunk, whatever the size
+    for chunk in np.array_split(images, max(1, len(images) // per_chunk)):
         pixels = chunk.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
         mean += pixels.sum(axis=0)
         square += np.square(pixels).sum(axis=0)

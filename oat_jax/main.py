@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from oat_jax import data
+from oat_jax.models.weights import WeightsError
 from oat_jax.config_schema import ConfigError, validate_config
 from oat_jax.train import TrainingDiverged, WorkdirMismatch, request_stop, stop_requested, train_and_evaluate
 
@@ -33,7 +34,11 @@ def _parse_flags(argv):
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e))
+        message = str(e)
+        if "Traceback" in message:  # the config file raised: its first line and the exception, not the stack
+            lines = [line for line in message.splitlines() if line.strip()]
+            message = f"{lines[0].rstrip(':')}: {lines[-1]}"
+        _fail(message)
     except (AttributeError, KeyError) as e:  # an override naming a field the config does not have
         _fail(f"unknown config field in a --config.<field> override: {str(e).strip(chr(34))}")
     except (TypeError, ValueError) as e:
@@ -41,7 +46,8 @@ def _parse_flags(argv):
     if _CONFIG.value is None or not _WORKDIR.value:
         _fail("usage: python -m oat_jax.main --config configs/<experiment>.py --workdir <dir> "
               "[--config.<field>=<value> ...]")
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    # "file.py:argument" passes the argument to the file's get_config (a sweep's value)
+    path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
     if not os.path.isfile(path):
         _fail(f"config file not found: {path}")
     try:
@@ -72,7 +78,7 @@ def format_summary(summary: dict) -> str:
             line += f"{paper[arm]:>10.3f}"
         lines.append(line)
     if paper:
-        lines.append(f"paper: {paper['source']}")
+        lines.append(f"paper: {paper['table']}, {paper['setting']}")
     return "\n".join(lines)
 
 
@@ -95,7 +101,7 @@ def main(argv):
     started = time.perf_counter()
     try:
         summary = train_and_evaluate(config, workdir)
-    except (data.DatasetError, WorkdirMismatch) as e:
+    except (data.DatasetError, WeightsError, WorkdirMismatch) as e:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=3)

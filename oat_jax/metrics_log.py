@@ -55,7 +55,7 @@ def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
     The cross-entropy arm continues the shared pre-training, so its history is the pre-training epochs
     followed by its own; the OAT arm's best is taken over its OAT epochs only.
     """
-    summary = {"arms": {}, "paper": paper if paper.get("source") else None}
+    summary = {"arms": {}, "paper": paper if paper.get("table") else None}
     seeds = sorted({r["seed"] for r in records})
     for arm in arms:
         per_seed = {}

@@ -52,17 +52,28 @@ def _masked_mean(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def _forward_train(state, params, images, mean, std):
+    """Outputs in training mode, and the BatchNorm statistics this batch updates (unchanged without BN).
+    Each step draws its dropout key from the replica's key and the step number, so a resumed run draws
+    the same keys as an uninterrupted one. The padded rows of a last, partial batch repeat a real sample;
+    they enter that one batch's BatchNorm statistics (the loss and the anchor mask them out)."""
+    dropout = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    outputs, updates = state.apply_fn(state.variables(params), normalise(images, mean, std), train=True,
+                                      rngs={"dropout": dropout}, mutable=["batch_stats"])
+    return outputs, updates.get("batch_stats", state.batch_stats)
+
+
 def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient):
     def loss_fn(params):
-        outputs = state.apply_fn({"params": params}, normalise(images, mean, std))
+        outputs, batch_stats = _forward_train(state, params, images, mean, std)
         if objective == "ce":
             loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels), mask)
         else:
             loss = oat.oat_loss(outputs, labels, variant=variant, anchor_gradient=anchor_gradient, where=mask)
-        return loss, oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask)
+        return loss, (oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask), batch_stats)
 
-    (loss, anchor), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), loss, anchor
+    (loss, (anchor, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, anchor
 
 
 @functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
@@ -110,7 +121,7 @@ def train_epoch_fused(states, images, labels, orders, num_real, mean, std, *, ob
 
 
 def _correct(state, images, labels, mask, mean, std, variant, decodes):
-    outputs = state.apply_fn({"params": state.params}, normalise(images, mean, std))
+    outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
     predictions = {"ce": lambda: jnp.argmax(outputs, axis=-1),
                    "oat": lambda: oat.predict(outputs, variant=variant, where=mask)}
     return {name: jnp.sum(mask & (predictions[name]() == labels)) for name in decodes}

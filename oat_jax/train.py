@@ -6,7 +6,6 @@ checkpoints every epoch and a resumable record of metrics.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -17,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax.training import train_state
 from tqdm import tqdm
 
-from oat_jax import data, input_pipeline, models, oat, steps
+from oat_jax import data, input_pipeline, oat, steps
+from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
 
@@ -55,35 +53,25 @@ class WorkdirMismatch(RuntimeError):
     """The workdir holds a run made with another configuration."""
 
 
-@functools.lru_cache(maxsize=None)
-def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
-    """One optimiser object per setting: it is a static part of the jitted steps' signature, so a new but
-    equal one would compile them again."""
-    return optax.sgd(learning_rate, momentum=momentum)
+# Kept here too: the benchmarks and tests build states through ``train``.
+cached_model = state_lib.cached_model
+create_train_state = state_lib.create_train_state
+create_replicas = state_lib.create_replicas
+replica_seeds = state_lib.replica_seeds
+
+# ImageNet's per-channel mean and standard deviation, for models pretrained on it (torchvision's values).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-# One module object per (name, classes): its apply method is a static part of the steps' signature too.
-cached_model = functools.lru_cache(maxsize=None)(models.create_model)
-
-
-def replica_seeds(config) -> list[int]:
-    """The seeds of the ``num_seeds`` replicas trained side by side: seed, seed + 1, ..."""
-    return [config.seed + k for k in range(config.num_seeds)]
-
-
-def create_train_state(model, image_shape, config, seed: int) -> train_state.TrainState:
-    params = model.init(jax.random.key(seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
-    state = train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                          tx=_sgd(config.learning_rate, config.momentum))
-    # Typed and placed on the device like a restored checkpoint's arrays: a Python int step or uncommitted
-    # arrays would make the jitted steps compile a second time after every restore.
-    return jax.device_put(state.replace(step=jnp.asarray(0, jnp.int32)), jax.devices()[0])
-
-
-def create_replicas(model, image_shape, config) -> train_state.TrainState:
-    """The states of all replicas stacked on a leading axis (K = num_seeds), each initialised from its seed."""
-    states = [create_train_state(model, image_shape, config, seed) for seed in replica_seeds(config)]
-    return jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *states), jax.devices()[0])
+def normalisation_statistics(config, dataset: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel mean and std that the steps standardise images with."""
+    if config.normalisation == "imagenet":
+        if dataset.train_images.shape[-1] != 3:
+            raise data.DatasetError(f"normalisation 'imagenet' needs RGB images; {dataset.name} has "
+                                    f"{dataset.train_images.shape[-1]} channel(s)")
+        return IMAGENET_MEAN, IMAGENET_STD
+    return input_pipeline.channel_statistics(dataset.train_images)
 
 
 def _replica_batches(images, labels, orders, batch_size):
@@ -218,12 +206,14 @@ def _print_epoch(record):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
     """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json)."""
     _STOP.clear()  # a stop asked of an earlier run in this process does not carry over
+    pretrained = state_lib.pretrained_path(config)  # a missing weights file is reported before anything is written
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(workdir, config)
-    dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit)
-    model = cached_model(config.model, dataset.num_classes)
-    mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    template = create_replicas(model, dataset.train_images.shape[1:], config)
+    dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
+                                image_size=config.image_size)
+    model = cached_model(config.model, dataset.num_classes, config.dropout_rate)
+    mean, std = normalisation_statistics(config, dataset)
+    template = create_replicas(model, dataset.train_images.shape[1:], config, pretrained)
     on_device = jax.device_put((dataset.train_images, dataset.train_labels)) if config.fused_epoch else None
     arms = arms_of(config.method)
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in ["pretrain"] + arms}

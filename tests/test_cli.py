@@ -164,3 +164,20 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(finished_run, tmp_path):
     resumed = _run(workdir, *QUICK)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((workdir / "summary.json").read_text()) == expected
+
+
+def test_missing_pretrained_weights_stop_before_anything_is_written(tmp_path):
+    env = dict(os.environ, OAT_WEIGHTS_DIR=str(tmp_path / "weights"), TORCH_HOME=str(tmp_path / "torch"),
+               HOME=str(tmp_path / "home"))
+    workdir = tmp_path / "run"
+    result = subprocess.run(_command(workdir, config="configs/table1_learning_rate.py:0.01"), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "resnet18-f37072fd.pth" in result.stderr and "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_a_sweep_value_the_paper_lacks_is_one_line(tmp_path):
+    result = _run(tmp_path / "run", config="configs/table2_batch_size.py:48")
+    assert result.returncode == 2 and "Table 2 has batch sizes 32, 64, 128" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

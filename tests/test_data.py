@@ -16,6 +16,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from oat_jax.data import (
     Dataset,
@@ -334,6 +335,32 @@ def test_negative_limit(tmp_path, limits):
     folder = write_fashion(tmp_path / "fm", fake_fashion())
     with pytest.raises(DatasetError, match="_limit must be >= 0"):
         load_dataset("fashion_mnist", str(folder), *limits)
+
+
+def test_negative_image_size(tmp_path):
+    folder = write_fashion(tmp_path / "fm", fake_fashion())
+    with pytest.raises(DatasetError, match="image_size must be >= 0"):
+        load_dataset("fashion_mnist", str(folder), image_size=-1)
+
+
+def test_image_size_resizes_fixed_size_datasets(tmp_path):
+    # As torchvision's Resize((S, S)) on a PIL image: bilinear, antialiased, channels kept.
+    arrays = fake_fashion()
+    folder = write_fashion(tmp_path / "fm", arrays)
+    ds = load_dataset("fashion_mnist", str(folder), train_limit=3, image_size=14)
+    assert ds.train_images.shape == (3, 14, 14, 1) and ds.test_images.shape == (5, 14, 14, 1)
+    assert ds.train_images.dtype == np.uint8
+    expected = Image.fromarray(arrays[0][1], "L").resize((14, 14), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(ds.train_images[1, ..., 0], np.asarray(expected))
+    same = load_dataset("fashion_mnist", str(folder), image_size=28)  # the stored size: untouched
+    np.testing.assert_array_equal(same.train_images[..., 0], arrays[0])
+
+    archive = write_cifar_archive(tmp_path / cifar10.ARCHIVE)
+    stored = load_dataset("cifar10", str(archive))
+    resized = load_dataset("cifar10", str(archive), image_size=40)
+    assert resized.train_images.shape == (10, 40, 40, 3) and resized.test_images.shape == (3, 40, 40, 3)
+    expected = Image.fromarray(stored.test_images[2], "RGB").resize((40, 40), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(resized.test_images[2], np.asarray(expected))
 
 
 def test_label_out_of_range(tmp_path):

@@ -18,7 +18,7 @@ def test_lightweight_layers_follow_the_paper():
     shapes = {name: layer["kernel"].shape for name, layer in params.items()}
     # conv 6@5x5, conv 16@5x5 (each followed by a 2x2 pool: 32 -> 28 -> 14 -> 10 -> 5), FC 400->128->64->10
     assert shapes == {"Conv_0": (5, 5, 3, 6), "Conv_1": (5, 5, 6, 16), "Dense_0": (400, 128),
-                      "Dense_1": (128, 64), "Dense_2": (64, 10)}
+                      "Dense_1": (128, 64), "head": (64, 10)}
 
 
 def test_too_small_images_are_refused_clearly():

@@ -8,6 +8,7 @@ import pytest
 
 from oat_jax import data, input_pipeline, models, oat, steps, train
 from oat_jax.checkpoints import ArmCheckpoints
+from conftest import STANDIN_MODEL
 
 
 def _state_and_data(config):
@@ -120,7 +121,11 @@ def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, t
     assert losses[True] != losses[False]
 
 
-def test_interrupted_run_resumes_to_the_same_result(synthetic_config, tmp_path):
+@pytest.mark.parametrize("model", ["lightweight", STANDIN_MODEL])
+def test_interrupted_run_resumes_to_the_same_result(synthetic_config, tmp_path, model):
+    """Also for a network with BatchNorm statistics and dropout (whose keys depend on the step only)."""
+    synthetic_config.model = model
+    synthetic_config.dropout_rate = 0.5 if model == STANDIN_MODEL else 0.0
     expected, _ = _run(synthetic_config, tmp_path / "straight")
     for stop_after in (1, 4):
         workdir = tmp_path / f"stopped{stop_after}"

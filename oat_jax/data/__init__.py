@@ -1,9 +1,10 @@
-"""Image-classification datasets as in-memory numpy arrays, looked up by name.
+"""Image-classification datasets as numpy arrays, looked up by name.
 
 Each dataset lives in its own module, which registers a loader with
 ``@register_dataset("name")``; ``load_dataset`` then finds it by name, applies
-sample limits and checks what the loader returned, so that a broken local copy
-fails here with one clear line instead of deep inside training.
+sample limits, resizes images when asked and checks what the loader returned,
+so that a broken local copy fails here with one clear line instead of deep
+inside training.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Both splits of one dataset, fully in memory.
+    """Both splits of one dataset.
 
     Images are NHWC uint8 so that scaling/normalisation stays the model side's
-    choice; labels are int32 class indices in [0, num_classes).
+    choice; labels are int32 class indices in [0, num_classes). Arrays are in
+    memory or read-only ``np.memmap``s of a decoded-dataset cache (see
+    ``cache.py``): users only index them.
     """
 
     name: str
@@ -39,12 +42,17 @@ class DatasetUnavailable(DatasetError):
     """The dataset was found nowhere; the message lists every way to obtain it."""
 
 
-Loader = Callable[[str], Dataset]
+Loader = Callable[[str, int], Dataset]
 _LOADERS: dict[str, Loader] = {}
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator registering ``fn(data_dir: str) -> Dataset`` under ``name``."""
+    """Decorator registering ``fn(data_dir: str, image_size: int) -> Dataset`` under ``name``.
+
+    ``image_size`` (0 = as stored) is the square size asked for. Loaders of
+    images of differing sizes must resize while reading, to stack them; a
+    loader of fixed-size images may ignore it: ``load_dataset`` resizes them.
+    """
 
     def decorate(fn: Loader) -> Loader:
         # Two modules claiming one name is a programming error, not a user one.
@@ -62,31 +70,39 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(
-    name: str, data_dir: str = "", train_limit: int = 0, test_limit: int = 0
+    name: str, data_dir: str = "", train_limit: int = 0, test_limit: int = 0, image_size: int = 0
 ) -> Dataset:
     """Load dataset ``name``, keeping the first ``*_limit`` samples (0 = all).
 
     ``data_dir`` ("" = not given) is passed to the dataset's loader, which
-    decides how to search for it. Raises DatasetError on any user-fixable
-    problem (unknown name, bad limit, malformed data).
+    decides how to search for it. ``image_size`` 0 keeps the stored size;
+    otherwise every image becomes image_size x image_size (a plain bilinear,
+    antialiased resize, as torchvision's ``Resize((S, S))`` on PIL images).
+    Raises DatasetError on any user-fixable problem (unknown name, bad limit,
+    malformed data).
     """
     if name not in _LOADERS:
         known = ", ".join(dataset_names()) or "none"
         raise DatasetError(f"unknown dataset {name!r}; known datasets: {known}")
-    for what, limit in (("train_limit", train_limit), ("test_limit", test_limit)):
-        if limit < 0:
-            raise DatasetError(f"{what} must be >= 0 (0 = all samples), got {limit}")
+    for what, value, zero in (
+        ("train_limit", train_limit, "all samples"),
+        ("test_limit", test_limit, "all samples"),
+        ("image_size", image_size, "as stored"),
+    ):
+        if value < 0:
+            raise DatasetError(f"{what} must be >= 0 (0 = {zero}), got {value}")
 
-    ds = _LOADERS[name](data_dir)
+    ds = _LOADERS[name](data_dir, image_size)
     train_images, train_labels = _checked_split(
         ds, "train", ds.train_images, ds.train_labels
     )
     test_images, test_labels = _checked_split(ds, "test", ds.test_images, ds.test_labels)
+    # Limits first, so a quick run resizes only the images it keeps.
     return dataclasses.replace(
         ds,
-        train_images=_first(train_images, train_limit),
+        train_images=resize_all(_first(train_images, train_limit), image_size),
         train_labels=_first(train_labels, train_limit),
-        test_images=_first(test_images, test_limit),
+        test_images=resize_all(_first(test_images, test_limit), image_size),
         test_labels=_first(test_labels, test_limit),
     )
 
@@ -122,6 +138,7 @@ def _checked_split(
     return images, labels.astype(np.int32, copy=False)
 
 
-# Filling the registry: each import registers one dataset. These come last
-# because the modules import the names defined above.
-from oat_jax.data import cifar10, fashion_mnist  # noqa: E402,F401
+# Filling the registry: each import registers one or more datasets. These come
+# last because the modules import the names defined above.
+from oat_jax.data.images import resize_all  # noqa: E402
+from oat_jax.data import cifar10, fashion_mnist, image_folder, ucf101  # noqa: E402,F401

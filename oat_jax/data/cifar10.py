@@ -38,8 +38,11 @@ HOW_TO_GET = (
 
 
 @register_dataset(NAME)
-def load(data_dir: str) -> Dataset:
-    """Load CIFAR-10; images (N, 32, 32, 3) uint8, labels (N,) int32."""
+def load(data_dir: str, image_size: int) -> Dataset:
+    """Load CIFAR-10; images (N, 32, 32, 3) uint8, labels (N,) int32.
+
+    ``image_size`` is left to ``load_dataset``, which resizes fixed-size images.
+    """
     if data_dir:
         base = os.path.expanduser(data_dir)
         copy = find_copy(base)

@@ -41,8 +41,11 @@ HOW_TO_GET = (
 
 
 @register_dataset(NAME)
-def load(data_dir: str) -> Dataset:
-    """Load Fashion-MNIST; images (N, 28, 28, 1) uint8, labels (N,) int32."""
+def load(data_dir: str, image_size: int) -> Dataset:
+    """Load Fashion-MNIST; images (N, 28, 28, 1) uint8, labels (N,) int32.
+
+    ``image_size`` is left to ``load_dataset``, which resizes fixed-size images.
+    """
     if data_dir:
         folder = os.path.expanduser(data_dir)
         found, missing = find_files(folder)

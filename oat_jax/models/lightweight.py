@@ -13,7 +13,8 @@ class LightweightCNN(nn.Module):
     num_classes: int
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no BatchNorm or dropout: the same in training and evaluation
         if images.shape[1] < 16 or images.shape[2] < 16:
             raise ValueError(f"the lightweight CNN needs images of at least 16x16 pixels, got {images.shape[1:3]}")
         x = images
@@ -23,9 +24,11 @@ class LightweightCNN(nn.Module):
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(128)(x))
         x = nn.relu(nn.Dense(64)(x))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, name="head")(x)
 
 
 @register_model("lightweight")
-def lightweight(num_classes: int) -> nn.Module:
+def lightweight(num_classes: int, dropout_rate: float = 0.0) -> nn.Module:
+    if dropout_rate:
+        raise ValueError("the lightweight CNN has no dropout; leave dropout_rate at 0")
     return LightweightCNN(num_classes=num_classes)

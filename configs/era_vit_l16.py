@@ -1,0 +1,10 @@
+"""Table 6: ERA with an ImageNet-pretrained ViT-L/16 and a new linear head, images resized to
+224x224. Needs torchvision's ImageNet weights file (see README, "Pretrained weights")."""
+from oat_jax.config_schema import finetune_config
+from oat_jax.paper_figures import paper_cell
+
+
+def get_config():
+    config = finetune_config("era", "vit_l16")
+    config.paper = paper_cell("Table 6", "ERA, ViT-L/16")
+    return config
