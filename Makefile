@@ -10,7 +10,7 @@ run: install
 	$(PYTHON) -m oat_jax.main --config configs/default.py --workdir runs/default
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2
 
 install: .deps-installed
 
