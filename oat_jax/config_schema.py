@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
 def _check_fields(config, reference, prefix=""):
     for key in config.keys():
         if key not in reference:
-            raise ConfigError(f"unknown config field '{prefix}{key}'; known fields: {', '.join(sorted(reference.keys()))}")
+            known = ", ".join(sorted(reference.keys()))
+            raise ConfigError(f"unknown config field '{prefix}{key}'; known fields: {known}")
     for key in reference.keys():
         if key not in config:
             raise ConfigError(f"config field '{prefix}{key}' is missing (start config files from base_config())")

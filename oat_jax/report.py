@@ -110,8 +110,14 @@ def format_markdown(cells: list[Cell]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plots"]:  # python -m oat_jax.report plots <workdir> ...: one run's figures
+        from oat_jax import plots  # matplotlib: only imported for plots
+        return plots.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m oat_jax.report",
-                                     description="Test accuracies of oat_jax runs beside the paper's figures.")
+                                     description="Test accuracies of oat_jax runs beside the paper's figures; "
+                                                 "'python -m oat_jax.report plots <workdir>' draws one run's "
+                                                 "figures.")
     parser.add_argument("workdirs", nargs="+", help="workdirs of python -m oat_jax.main runs")
     parser.add_argument("--out", help="also write the Markdown to this file")
     args = parser.parse_args(argv)

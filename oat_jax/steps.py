@@ -124,7 +124,12 @@ def _correct(state, images, labels, mask, mean, std, variant, decodes):
     outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
     predictions = {"ce": lambda: jnp.argmax(outputs, axis=-1),
                    "oat": lambda: oat.predict(outputs, variant=variant, where=mask)}
-    return {name: jnp.sum(mask & (predictions[name]() == labels)) for name in decodes}
+    counts = {}
+    for name in decodes:
+        predicted = predictions[name]()
+        counts[name] = jnp.sum(mask & (predicted == labels))
+        counts[f"{name}_per_class"] = jnp.sum(jax.nn.one_hot(predicted, outputs.shape[-1]) * mask[:, None], axis=0)
+    return counts
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "decodes"))
@@ -132,6 +137,7 @@ def eval_step_replicas(states, images, labels, masks, mean, std, *, variant: str
                        decodes: tuple[str, ...] = ("ce", "oat")):
     """Correct predictions among the real rows of each replica's test batch (K replicas, leading axis K),
     for each decoding in ``decodes``: "ce" = argmax of the outputs; "oat" = argmax of a_test * (z + 1) with
-    the batch's own anchor. Counts of shape (K,)."""
+    the batch's own anchor. Counts of shape (K,), and under "<decode>_per_class" the number of predictions
+    of each class (K, C)."""
     correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes)
     return _over_replicas(correct)(states, images, labels, masks)

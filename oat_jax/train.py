@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,9 @@ from oat_jax import data, input_pipeline, oat, steps
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
+
+# How many steps of each epoch have their batch anchor recorded, evenly spread.
+_SAMPLED_STEPS = 5
 
 # Fields that may differ between a run and its resumption without changing its results.
 _COSMETIC_FIELDS = ("progress",)
@@ -80,18 +84,30 @@ def _replica_batches(images, labels, orders, batch_size):
         yield tuple(np.stack(arrays) for arrays in zip(*parts))
 
 
-def evaluate(states, dataset: data.Dataset, config, mean, std,
-             decodes: tuple[str, ...] = ("ce", "oat")) -> dict[str, list[float]]:
-    """Test accuracy (%) of each replica over every test sample, in batches of ``eval_batch_size``,
-    per decoding: {decode: [accuracy of replica k]}."""
+def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes: tuple[str, ...] = ("ce", "oat")):
+    """Per decoding, each replica's test accuracy (%) over every test sample, in batches of
+    ``eval_batch_size``, and its share of predictions per class: ({decode: [accuracy of replica k]},
+    {decode: (K, C) array of fractions})."""
     orders = [input_pipeline.eval_order(len(dataset.test_labels), seed, config.shuffle_eval)
               for seed in replica_seeds(config)]
     counts = [steps.eval_step_replicas(states, images, labels, masks, mean, std, variant=config.variant,
                                        decodes=decodes)
               for images, labels, masks in _replica_batches(dataset.test_images, dataset.test_labels, orders,
                                                             config.eval_batch_size)]
-    totals = {name: np.sum([batch[name] for batch in jax.device_get(counts)], axis=0) for name in decodes}
-    return {name: [100.0 * int(c) / len(dataset.test_labels) for c in totals[name]] for name in decodes}
+    counts = jax.device_get(counts)
+    total = len(dataset.test_labels)
+    accuracies, shares = {}, {}
+    for name in decodes:
+        accuracies[name] = [100.0 * int(c) / total for c in np.sum([batch[name] for batch in counts], axis=0)]
+        shares[name] = np.sum([batch[f"{name}_per_class"] for batch in counts], axis=0) / total
+    return accuracies, shares
+
+
+def evaluate(states, dataset: data.Dataset, config, mean, std,
+             decodes: tuple[str, ...] = ("ce", "oat")) -> dict[str, list[float]]:
+    """Test accuracy (%) of each replica over every test sample, in batches of ``eval_batch_size``,
+    per decoding: {decode: [accuracy of replica k]}."""
+    return evaluate_in_detail(states, dataset, config, mean, std, decodes)[0]
 
 
 def _divergence_hint(objective, config):
@@ -101,9 +117,29 @@ def _divergence_hint(objective, config):
     return "the learning rate is likely too high for this model; lower learning_rate"
 
 
-def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device=None):
-    """One pass over the training set for every replica. Returns the new states, each replica's mean loss
-    (K,) and mean anchor (K, C) over the epoch.
+class EpochResult(NamedTuple):
+    """What one training epoch of K replicas gives: the new states; each replica's mean loss (K,) and mean
+    anchor (K, C); the largest OAT target magnitude |onehot(y) / a - 1| met (K,); and a few steps' anchors,
+    (step numbers (S',), anchors (S', K, C)), for telemetry."""
+    states: Any
+    losses: np.ndarray
+    anchors: np.ndarray
+    max_targets: np.ndarray
+    sampled_steps: np.ndarray
+    sampled_anchors: np.ndarray
+
+
+def _max_targets(anchors, labels, masks):
+    """Largest |target| per replica: the label entries' 1/a_y - 1 (at least 1, the others' |-1|).
+    anchors (S, K, C); labels and masks (S, K, B)."""
+    floored = np.maximum(anchors, oat.ANCHOR_FLOOR)
+    label_anchor = np.take_along_axis(floored, labels.astype(np.int64), axis=2)  # (S, K, B)
+    largest = np.where(masks, 1.0 / label_anchor - 1.0, 0.0).max(axis=(0, 2))
+    return np.maximum(largest, 1.0)
+
+
+def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device=None) -> EpochResult:
+    """One pass over the training set for every replica (see EpochResult).
 
     With ``on_device`` = (images, labels) already on the device, the epoch runs as one compiled loop
     (``steps.train_epoch_fused``); otherwise step by step from host memory, with a progress bar."""
@@ -116,8 +152,12 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
         states, (losses, anchors, weights) = steps.train_epoch_fused(
             states, *on_device, padded.astype(np.int32), len(orders[0]), mean, std, objective=objective,
             batch_size=config.batch_size, variant=config.variant, anchor_gradient=config.anchor_gradient)
+        shape = (len(seeds), count, config.batch_size)
+        labels = np.swapaxes(dataset.train_labels[padded].reshape(shape), 0, 1)  # (S, K, B)
+        real = np.arange(count * config.batch_size).reshape(count, 1, config.batch_size) < len(orders[0])
+        masks = np.broadcast_to(real, labels.shape)
     else:
-        losses, anchors, weights = [], [], []
+        losses, anchors, weights, labels_seen, masks_seen = [], [], [], [], []
         progress = tqdm(total=count, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
                         disable=None if config.progress else True, file=sys.stderr)
         for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, orders,
@@ -128,10 +168,13 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
             losses.append(loss)
             anchors.append(anchor)
             weights.append(masks.sum(axis=1))
+            labels_seen.append(labels)
+            masks_seen.append(masks)
             progress.update()
             _stop_if_requested()
         progress.close()
         losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(weights)
+        labels, masks = np.stack(labels_seen), np.stack(masks_seen)
     losses = np.asarray(jax.device_get(losses), dtype=np.float64)  # (steps, K)
     bad = np.argwhere(~np.isfinite(losses))
     if bad.size:
@@ -145,7 +188,9 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
     anchors = np.asarray(jax.device_get(anchors), dtype=np.float64)  # (steps, K, C)
     mean_losses = np.sum(losses * weights, axis=0) / np.sum(weights, axis=0)
     mean_anchors = np.einsum("sk,skc->kc", weights, anchors) / np.sum(weights, axis=0)[:, None]
-    return states, mean_losses, mean_anchors
+    sampled = np.unique(np.linspace(0, count - 1, min(count, _SAMPLED_STEPS)).round().astype(int))
+    return EpochResult(states, mean_losses, mean_anchors, _max_targets(anchors, labels, masks), sampled + 1,
+                       anchors[sampled])
 
 
 def arms_of(method: str) -> list[str]:
@@ -168,24 +213,34 @@ def _check_workdir_config(workdir, config):
     write_json(path, current)
 
 
+def _epoch_record(arm, epoch, seed, objective, result: EpochResult, k, accuracy, share, seconds) -> dict:
+    """One line of metrics.jsonl: the epoch's loss and accuracy, and the telemetry of its anchors (the
+    cross-entropy arms compute the same batch anchor, unused by their loss, to compare with OAT's)."""
+    record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": objective,
+              "train_loss": float(result.losses[k]), "test_accuracy": accuracy, "epoch_seconds": seconds,
+              "anchor": [float(a) for a in result.anchors[k]],
+              "prediction_share": [float(p) for p in share],
+              "step_anchors": [{"step": int(step), "anchor": [float(a) for a in anchor[k]]}
+                               for step, anchor in zip(result.sampled_steps, result.sampled_anchors)]}
+    record.update({f"anchor_{key}": float(value) for key, value in oat.anchor_statistics(result.anchors[k]).items()})
+    if objective == "oat":
+        record["max_target"] = float(result.max_targets[k])
+    return record
+
+
 def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch, checkpoints, log, mean, std,
                report, on_device):
     """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each (a line per seed)."""
     for epoch in range(first_epoch, last_epoch + 1):
         _stop_if_requested()
         started = time.perf_counter()
-        states, losses, mean_anchors = train_epoch(states, dataset, config, epoch, objective, mean, std, arm,
-                                                   on_device)
-        accuracies = evaluate(states, dataset, config, mean, std, decodes=(objective,))[objective]
+        result = train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device)
+        states = result.states
+        accuracies, shares = evaluate_in_detail(states, dataset, config, mean, std, decodes=(objective,))
         seconds = time.perf_counter() - started
-        records = []
-        for k, seed in enumerate(replica_seeds(config)):
-            record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": objective,
-                      "train_loss": float(losses[k]), "test_accuracy": accuracies[k], "epoch_seconds": seconds}
-            if objective == "oat":
-                record.update({f"anchor_{key}": float(value)
-                               for key, value in oat.anchor_statistics(mean_anchors[k]).items()})
-            records.append(record)
+        records = [_epoch_record(arm, epoch, seed, objective, result, k, accuracies[objective][k],
+                                 shares[objective][k], seconds)
+                   for k, seed in enumerate(replica_seeds(config))]
         # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
         for record in records:
             log.append(record)

@@ -67,17 +67,59 @@ def test_evaluation_counts_every_test_sample_once(synthetic_config, eval_batch_s
         params = jax.tree.map(lambda leaf: leaf[k], states.params)
         outputs = np.asarray(states.apply_fn({"params": params}, steps.normalise(dataset.test_images, mean, std)))
         expected_ce = 100.0 * np.mean(outputs.argmax(-1) == labels)
-        # OAT: decode each consecutive batch with that batch's own anchor (independent NumPy computation)
-        correct = 0
-        for start in range(0, len(labels), eval_batch_size):
-            z = outputs[start:start + eval_batch_size].astype(np.float64)
-            soft = np.exp(z - z.max(1, keepdims=True))
-            soft /= soft.sum(1, keepdims=True)
-            centre = soft.mean(0)
-            anchor = np.exp(centre) / np.exp(centre).sum()
-            correct += np.sum(np.argmax(anchor * (z + 1), axis=1) == labels[start:start + eval_batch_size])
+        correct = np.sum(_numpy_oat_predictions(outputs, eval_batch_size) == labels)
         assert accuracy["ce"][k] == pytest.approx(expected_ce, abs=1e-9)
         assert accuracy["oat"][k] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
+
+
+def _numpy_oat_predictions(outputs, batch_size):
+    """OAT decoding of consecutive test batches, each with its own (released-variant) anchor: an
+    independent NumPy computation."""
+    predictions = []
+    for start in range(0, len(outputs), batch_size):
+        z = outputs[start:start + batch_size].astype(np.float64)
+        soft = np.exp(z - z.max(1, keepdims=True))
+        soft /= soft.sum(1, keepdims=True)
+        centre = soft.mean(0)
+        anchor = np.exp(centre) / np.exp(centre).sum()
+        predictions.append(np.argmax(anchor * (z + 1), axis=1))
+    return np.concatenate(predictions)
+
+
+def test_telemetry_of_every_epoch(synthetic_config, tmp_path):
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.shuffle_eval = 3, 1, False
+    _run(synthetic_config, tmp_path / "run")
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    for record in records:
+        anchor = np.array(record["anchor"])
+        assert anchor.shape == (4,) and anchor.sum() == pytest.approx(1.0)
+        assert record["anchor_entropy"] == pytest.approx(-np.sum(anchor * np.log(anchor)), rel=1e-6)
+        assert sum(record["prediction_share"]) == pytest.approx(1.0)
+        assert [s["step"] for s in record["step_anchors"]] == [1, 4, 7, 10, 13]  # 13 batches of 16
+        assert ("max_target" in record) == (record["arm"] == "oat")
+    # The released anchor stays within [1/(e C), e/C], so the targets' magnitude stays below e C - 1.
+    assert all(1.0 <= r["max_target"] < np.e * 4 - 1 for r in records if r["arm"] == "oat")
+    # The last OAT epoch's prediction shares, recounted from its checkpoint with NumPy decoding.
+    dataset = data.load_dataset(synthetic_config.dataset)
+    mean, std = input_pipeline.channel_statistics(dataset.train_images)
+    manager = ArmCheckpoints(str(tmp_path / "run"), "oat")
+    state = manager.restore(3, train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1),
+                                                     synthetic_config))
+    manager.close()
+    params = jax.tree.map(lambda leaf: leaf[0], state.params)
+    outputs = np.asarray(state.apply_fn({"params": params}, steps.normalise(dataset.test_images, mean, std)))
+    predicted = _numpy_oat_predictions(outputs, synthetic_config.eval_batch_size)
+    np.testing.assert_allclose(records[-1]["prediction_share"], np.bincount(predicted, minlength=4) / 75, atol=1e-9)
+
+
+def test_largest_target_is_the_largest_oat_target():
+    rng = np.random.default_rng(0)
+    anchors = rng.dirichlet(np.ones(5), size=(3, 2))  # (steps, replicas, classes)
+    labels = rng.integers(0, 5, size=(3, 2, 6))
+    masks = rng.random((3, 2, 6)) < 0.7
+    expected = [max(np.abs(oat.oat_targets(labels[s, k][masks[s, k]], anchors[s, k].astype(np.float32), 5)).max()
+                    for s in range(3) if masks[s, k].any()) for k in range(2)]
+    np.testing.assert_allclose(train._max_targets(anchors, labels, masks), expected, rtol=1e-5)
 
 
 def _run(config, workdir, stop_after=None):
@@ -183,14 +225,15 @@ def test_fused_epoch_gives_the_step_by_step_result(synthetic_config, objective):
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
     states = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
     copy = lambda s: jax.tree.map(jnp.array, s)
-    plain, plain_loss, plain_anchor = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective,
-                                                        mean, std, objective)
+    plain = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective, mean, std, objective)
     on_device = jax.device_put((dataset.train_images, dataset.train_labels))
-    fused, fused_loss, fused_anchor = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective,
-                                                        mean, std, objective, on_device=on_device)
-    assert np.asarray(fused.step).tolist() == np.asarray(plain.step).tolist() == [13, 13]
-    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-5)
-    np.testing.assert_allclose(fused_anchor, plain_anchor, rtol=1e-5)
+    fused = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective, mean, std, objective,
+                              on_device=on_device)
+    assert np.asarray(fused.states.step).tolist() == np.asarray(plain.states.step).tolist() == [13, 13]
+    for field in ("losses", "anchors", "max_targets", "sampled_anchors"):
+        np.testing.assert_allclose(getattr(fused, field), getattr(plain, field), rtol=1e-5, err_msg=field)
+    assert plain.sampled_steps.tolist() == fused.sampled_steps.tolist() == [1, 4, 7, 10, 13]
+    fused, plain = fused.states, plain.states
     _leaves_close(fused.params, plain.params, rtol=1e-5, atol=1e-6)
 
 

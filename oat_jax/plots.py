@@ -1,0 +1,455 @@
+"""``python -m oat_jax.report plots <workdir>``: PNG figures of one run, from its metrics.jsonl and, for the
+test-batch-size sweep, its checkpoints.
+
+Figures drawn from the telemetry that older runs do not log (the epoch-mean anchor, the prediction shares)
+are skipped with a note for such runs. Several seeds are drawn as their mean with a min-max band. The
+figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, so plotting changes no
+global matplotlib state (backend, open pyplot figures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
+from oat_jax.metrics_log import MetricsLog
+from oat_jax.report import ReportError
+
+COLOURS = {"pretrain": "0.3", "ce": "tab:blue", "oat": "tab:orange"}
+NAMES = {"pretrain": "cross-entropy pre-training", "ce": "cross-entropy", "oat": "OAT"}
+_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 9,
+          "legend.framealpha": 0.9}
+
+
+class Skip(Exception):
+    """A figure the run has no data for; the message says why."""
+
+
+@dataclass
+class Run:
+    """A run's config.json (a dict) and its metrics.jsonl records."""
+    workdir: str
+    config: dict
+    records: list[dict]
+
+    @property
+    def pretrain_epochs(self) -> int:
+        return int(self.config.get("pretrain_epochs", 0))
+
+    @property
+    def first_seed(self) -> int:
+        return min(r["seed"] for r in self.records)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r["seed"] for r in self.records})
+
+    @property
+    def num_classes(self) -> int | None:
+        """C, from the logged anchors (None for runs that log none)."""
+        return next((len(r["anchor"]) for r in self.records if r.get("anchor")), None)
+
+    def subtitle(self, seeds: bool = True) -> str:
+        """The dataset and model, the paper's cell where the config names one, and (``seeds``) how the seeds
+        are drawn."""
+        text = f"{self.config.get('dataset', '?')}, {self.config.get('model', '?')}"
+        paper = self.config.get("paper") or {}
+        if paper.get("table"):
+            text += f" ({paper['table']}: {paper['setting']})"
+        if not seeds:
+            return text
+        ours = self.seeds
+        return text + (f"; {len(ours)} seeds: mean, min–max band" if len(ours) > 1 else f"; seed {ours[0]}")
+
+    def arm_records(self, arm: str, key: str) -> list[dict]:
+        return sorted((r for r in self.records if r["arm"] == arm and r.get(key) is not None),
+                      key=lambda r: (r["epoch"], r["seed"]))
+
+    def chain(self, arm: str, key: str, whole_pretraining: bool = False) -> list[dict]:
+        """An arm's records carrying ``key``, continuing the pre-training: the cross-entropy arm with all
+        pre-training epochs, OAT from the last one (the state it starts from) or all of them."""
+        pretrain = self.arm_records("pretrain", key)
+        if arm == "oat" and not whole_pretraining:
+            pretrain = [r for r in pretrain if r["epoch"] == self.pretrain_epochs]
+        return pretrain + self.arm_records(arm, key)
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ReportError(f"{path} is missing: is {os.path.dirname(path)} an oat_jax workdir?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_run(workdir: str) -> Run:
+    """The run in ``workdir``; ReportError if it has no config.json or no logged epoch yet."""
+    if not os.path.isdir(workdir):
+        raise ReportError(f"{workdir} is not a folder")
+    config = _read_config(os.path.join(workdir, "config.json"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ReportError(f"{path} is missing: is {workdir} an oat_jax workdir of a started run?")
+    records = MetricsLog(path).records()
+    if not records:
+        raise ReportError(f"{path} holds no finished epoch yet")
+    return Run(workdir, config, records)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _figure(height: float = 5.0) -> Figure:
+    """A figure 8 inches wide whose layout makes room for titles, legends and colour bars."""
+    return Figure(layout="constrained", figsize=(8, height))
+
+
+def _by_epoch(records: list[dict], key: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Epochs (sorted) and, for each, the values of ``key`` in its records (one per seed)."""
+    epochs = sorted({r["epoch"] for r in records})
+    return np.array(epochs), [np.array([r[key] for r in records if r["epoch"] == e]) for e in epochs]
+
+
+def _band(ax, x, values: list[np.ndarray], colour, label, **line):
+    """The mean over seeds as a line; with several seeds, their min-max range as a band around it."""
+    mean = np.array([v.mean() for v in values])
+    ax.plot(x, mean, color=colour, label=label, marker="o" if len(x) <= 30 else None, markersize=4, **line)
+    if max(len(v) for v in values) > 1:
+        ax.fill_between(x, [v.min() for v in values], [v.max() for v in values], color=colour, alpha=0.2,
+                        linewidth=0)
+
+
+def _draw_arms(ax, run: Run, key: str) -> None:
+    """Both arms' ``key`` over epochs: the cross-entropy arm through the pre-training, OAT from its end."""
+    drawn = 0
+    for arm in ("ce", "oat"):
+        records = run.chain(arm, key)
+        if arm == "ce" and not run.arm_records("ce", key):  # method "oat": only the pre-training
+            arm = "pretrain"
+        if records and (arm != "oat" or run.arm_records("oat", key)):
+            _band(ax, *_by_epoch(records, key), COLOURS[arm], NAMES[arm])
+            drawn += 1
+    if not drawn:
+        raise Skip(f"no epoch of this run logs '{key}' (a run from before that field was logged)")
+    _mark_oat_start(ax, run)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
+def _mark_oat_start(ax, run: Run) -> None:
+    """A dashed line at the end of the pre-training, where OAT branches off (if the run has OAT epochs)."""
+    if any(r["arm"] == "oat" for r in run.records):
+        ax.axvline(run.pretrain_epochs, color="0.4", linestyle="--", linewidth=1,
+                   label=f"OAT starts (after epoch {run.pretrain_epochs})")
+
+
+def accuracy_figure(run: Run) -> Figure:
+    """Test accuracy over epochs of both arms (the paper's Figs. 2-4), with the paper's figures if any."""
+    fig = _figure()
+    ax = fig.subplots()
+    _draw_arms(ax, run, "test_accuracy")
+    paper = run.config.get("paper") or {}
+    if paper.get("table"):
+        for arm in ("ce", "oat"):
+            ax.axhline(paper[arm], color=COLOURS[arm], linestyle=":", linewidth=1.5,
+                       label=f"paper, {NAMES[arm]}: {paper[arm]:.3f}")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Test accuracy\n{run.subtitle()}")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _anchor_matrix(run: Run, arm: str) -> tuple[np.ndarray, np.ndarray]:
+    """The first seed's epoch-mean anchors along an arm's chain as a (C, epochs) matrix, NaN where an epoch
+    lacks one, and the epochs it spans."""
+    records = [r for r in run.chain(arm, "anchor", whole_pretraining=True) if r["seed"] == run.first_seed]
+    epochs = np.arange(records[0]["epoch"], records[-1]["epoch"] + 1)
+    matrix = np.full((run.num_classes, len(epochs)), np.nan)
+    for r in records:
+        matrix[:, r["epoch"] - epochs[0]] = r["anchor"]
+    return matrix, epochs
+
+
+def anchor_heatmap_figure(run: Run) -> Figure:
+    """The epoch-mean training anchor, class by epoch, of the first seed: pre-training then OAT, and
+    pre-training then cross-entropy (whose anchor is computed the same way, unused by its loss)."""
+    arms = [arm for arm in ("oat", "ce") if run.arm_records(arm, "anchor")]
+    if not arms:
+        raise Skip("no epoch of an arm logs its mean anchor (a run from before the 'anchor' field was logged)")
+    matrices = [_anchor_matrix(run, arm) for arm in arms]
+    low = min(np.nanmin(m) for m, _ in matrices)
+    high = max(np.nanmax(m) for m, _ in matrices)
+    classes = run.num_classes
+    fig = _figure(height=2.2 + (2.2 + min(classes, 40) * 0.08) * len(arms))
+    axes = fig.subplots(len(arms), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, arm, (matrix, epochs) in zip(axes, arms, matrices):
+        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=low, vmax=high,
+                          extent=(epochs[0] - 0.5, epochs[-1] + 0.5, classes - 0.5, -0.5))
+        ax.grid(False)
+        if run.pretrain_epochs >= epochs[0]:
+            ax.axvline(run.pretrain_epochs + 0.5, color="white", linestyle="--", linewidth=1.5)
+        ax.set_ylabel("class")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(classes, 10)))
+        ax.set_title(f"pre-training, then {NAMES[arm]} (dashed: {NAMES[arm]} starts)")
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    colourbar = fig.colorbar(image, ax=list(axes), fraction=0.05)
+    colourbar.set_label(f"anchor entry (uniform: 1/C = {1 / classes:.3g})")
+    fig.suptitle(f"Epoch-mean training anchor, seed {run.first_seed}\n{run.subtitle(seeds=False)}")
+    return fig
+
+
+def anchor_entropy_figure(run: Run) -> Figure:
+    """The epoch-mean anchor's entropy over epochs, with its maximum ln C (a uniform anchor)."""
+    fig = _figure()
+    ax = fig.subplots()
+    _draw_arms(ax, run, "anchor_entropy")
+    ax.ticklabel_format(axis="y", useOffset=False)  # entropies near ln C: whole numbers, not an offset
+    if run.num_classes:
+        top = math.log(run.num_classes)
+        ax.axhline(top, color="black", linestyle=":", linewidth=1.5, label=f"ln C = {top:.4f} (uniform anchor)")
+        bottom = ax.get_ylim()[0]
+        ax.set_ylim(bottom, top + 0.05 * (top - bottom))
+        # The distance from uniform, ln C - H (the anchor's KL divergence from uniform), read on the right.
+        distance = ax.secondary_yaxis("right", functions=(lambda h: top - h, lambda d: top - d))
+        distance.set_ylabel("ln C − entropy (KL from uniform)")
+    ax.set_ylabel("anchor entropy (nats)")
+    ax.set_title(f"Entropy of the epoch-mean training anchor\n{run.subtitle()}")
+    ax.legend(loc="best")
+    return fig
+
+
+_MOST_BARS = 20  # classes drawn as grouped bars; more are drawn as lines
+
+
+def prediction_share_figure(run: Run) -> Figure:
+    """Each arm's share of test predictions per class at its last logged epoch."""
+    arms = [arm for arm in ("ce", "oat") if run.arm_records(arm, "prediction_share")]
+    if not arms:
+        raise Skip("no epoch logs 'prediction_share' (a run from before that field was logged)")
+    fig = _figure()
+    ax = fig.subplots()
+    for i, arm in enumerate(arms):
+        records = run.arm_records(arm, "prediction_share")
+        last = [r for r in records if r["epoch"] == records[-1]["epoch"]]
+        shares = np.array([r["prediction_share"] for r in last])  # (seeds, C)
+        classes = shares.shape[1]
+        label = f"{NAMES[arm]}, epoch {last[0]['epoch']}"
+        if classes > _MOST_BARS:
+            _band(ax, np.arange(classes), list(shares.T), COLOURS[arm], label)
+            continue
+        mean, width = shares.mean(axis=0), 0.8 / len(arms)
+        error = [mean - shares.min(axis=0), shares.max(axis=0) - mean] if len(last) > 1 else None
+        ax.bar(np.arange(classes) + (i - (len(arms) - 1) / 2) * width, mean, width, yerr=error,
+               color=COLOURS[arm], label=label, error_kw={"elinewidth": 1, "ecolor": "0.2"})
+    ax.axhline(1 / classes, color="black", linestyle=":", linewidth=1.5, label=f"1/C = {1 / classes:.3g}")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("share of test predictions")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"Test predictions per class at the last epoch\n{run.subtitle()}")
+    ax.legend()
+    return fig
+
+
+def _step_points(run: Run, arm: str):
+    """The first seed's sampled step anchors of an arm: x = epoch - 1 + step / (the epoch's last sampled
+    step, which is its last step), and each anchor's smallest and largest entry."""
+    xs, lows, highs = [], [], []
+    for r in run.arm_records(arm, "step_anchors"):
+        if r["seed"] != run.first_seed or not r["step_anchors"]:
+            continue
+        steps = max(s["step"] for s in r["step_anchors"])
+        for sample in r["step_anchors"]:
+            xs.append(r["epoch"] - 1 + sample["step"] / steps)
+            lows.append(min(sample["anchor"]))
+            highs.append(max(sample["anchor"]))
+    return xs, lows, highs
+
+
+def anchor_range_figure(run: Run) -> Figure:
+    """The anchor's smallest and largest entry over epochs (epoch means, and single steps sampled within
+    the epochs), and the largest OAT target |onehot(y)/a - 1| per epoch."""
+    if not run.arm_records("oat", "anchor_min") and not run.arm_records("ce", "anchor_min"):
+        raise Skip("no epoch logs 'anchor_min' / 'anchor_max'")
+    targets = run.arm_records("oat", "max_target")
+    fig = _figure(height=9 if targets else 6)
+    axes = fig.subplots(2 if targets else 1, 1, squeeze=False, sharex=True)[:, 0]
+    ax = axes[0]
+    handles = []
+    for arm in ("pretrain", "ce", "oat"):
+        drawn = False
+        for key, style in (("anchor_max", "-"), ("anchor_min", "--")):
+            records = run.arm_records(arm, key)
+            if records:
+                _band(ax, *_by_epoch(records, key), COLOURS[arm], None, linestyle=style)
+                drawn = True
+        xs, lows, highs = _step_points(run, arm)
+        if xs:
+            ax.scatter(xs + xs, lows + highs, s=12, color=COLOURS[arm], alpha=0.5, marker="x")
+        if drawn or xs:
+            handles.append(Patch(color=COLOURS[arm], label=NAMES[arm]))
+    handles += [Line2D([], [], color="0.2", label="epoch-mean anchor: max"),
+                Line2D([], [], color="0.2", linestyle="--", label="epoch-mean anchor: min"),
+                Line2D([], [], color="0.2", marker="x", linestyle="", alpha=0.6,
+                       label=f"single steps' anchor: min, max (seed {run.first_seed})")]
+    if run.num_classes:
+        handles.append(ax.axhline(1 / run.num_classes, color="black", linestyle=":", linewidth=1.5,
+                                  label=f"1/C = {1 / run.num_classes:.3g}"))
+    ax.set_ylabel("anchor entry")
+    ax.set_title(f"Smallest and largest entry of the training anchor\n{run.subtitle()}")
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9)
+    if targets:
+        _max_target_panel(axes[1], targets)
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        _mark_oat_start(ax, run)
+    return fig
+
+
+def _max_target_panel(ax, targets: list[dict]) -> None:
+    _band(ax, *_by_epoch(targets, "max_target"), COLOURS["oat"], "OAT")
+    values = [r["max_target"] for r in targets]
+    if max(values) > 10 * min(values):  # spans decades (a diverging paper-variant anchor): log scale
+        ax.set_yscale("log")
+    ax.set_ylabel("largest |target|")
+    ax.set_title("Largest OAT target |onehot(y) / a − 1| of each epoch")
+
+
+def _batch_size_results(run: Run, sizes, evaluate: bool) -> dict:
+    """The sweep's results: evaluated (or reused) with ``evaluate``, else only as saved by an earlier call."""
+    if evaluate:
+        from oat_jax import data, eval_batch_sizes  # imports JAX: only when evaluating
+        try:
+            return eval_batch_sizes.evaluate_batch_sizes(run.workdir, sizes)
+        except (eval_batch_sizes.NoCheckpoint, data.DatasetError) as e:
+            raise Skip(str(e)) from None
+    path = os.path.join(run.workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        raise Skip(f"{path} does not exist yet (run without --no-eval to evaluate the checkpoints)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def eval_batch_size_figure(run: Run, results: dict, sizes) -> Figure:
+    """OAT's test accuracy against the test batch size whose anchor decodes it, and the cross-entropy
+    arm's (independent of the batch) as a line."""
+    total = results["test_samples"]
+    points = {}  # effective batch size -> accuracies per seed; a batch beyond the test set is all of it
+    for size in sizes:
+        if str(size) in results["oat"]:
+            points[min(size or total, total)] = np.array(results["oat"][str(size)])
+    if not points:
+        raise Skip(f"{RESULTS_FILE} holds none of the batch sizes {', '.join(map(str, sizes))}")
+    x = sorted(points)
+    fig = _figure()
+    ax = fig.subplots()
+    epochs = results["checkpoint_epochs"]
+    _band(ax, x, [points[s] for s in x], COLOURS["oat"], f"OAT, checkpoint of epoch {epochs['oat']}")
+    if len(results["seeds"]) > 2:  # each seed's own curve: the band hides how each one changes
+        for k, seed in enumerate(results["seeds"]):
+            ax.plot(x, [points[s][k] for s in x], color=COLOURS["oat"], linewidth=0.8, alpha=0.6, linestyle=":",
+                    label="OAT, single seeds" if k == 0 else None)
+    if results.get("ce"):
+        ce = np.array(results["ce"])
+        ax.axhline(ce.mean(), color=COLOURS["ce"], label=f"cross-entropy, checkpoint of epoch {epochs['ce']}")
+        if len(ce) > 1:
+            ax.axhspan(ce.min(), ce.max(), color=COLOURS["ce"], alpha=0.15, linewidth=0)
+    trained = run.config.get("eval_batch_size")
+    if trained:
+        ax.axvline(min(trained, total), color="0.4", linestyle="--", linewidth=1,
+                   label=f"test batch during training ({trained})")
+    ax.set_xscale("log")
+    ax.set_xticks(x, [str(s) if s < total else f"all\n({total})" for s in x])
+    ax.minorticks_off()
+    ax.set_xlabel("test batch size (each batch decoded with its own anchor)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Test accuracy against the test batch size\n{run.subtitle()}")
+    ax.legend()
+    return fig
+
+
+FIGURES = (("accuracy.png", accuracy_figure), ("anchor_heatmap.png", anchor_heatmap_figure),
+           ("anchor_entropy.png", anchor_entropy_figure), ("prediction_share.png", prediction_share_figure),
+           ("anchor_range.png", anchor_range_figure))
+
+
+def _save(fig: Figure, path: str) -> None:
+    """Writes the PNG atomically: a viewer refreshing it never reads half a file."""
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _draw(name: str, draw, out_dir: str) -> str | None:
+    """Draws and saves one figure; a figure without data is skipped with a note."""
+    with matplotlib.rc_context(_STYLE):
+        try:
+            fig = draw()
+        except Skip as e:
+            _note(f"{name} skipped: {e}")
+            return None
+        path = os.path.join(out_dir, name)
+        _save(fig, path)
+    return path
+
+
+def write_plots(workdir: str, out_dir: str | None = None, sizes=DEFAULT_SIZES, evaluate: bool = True) -> list[str]:
+    """Writes the run's figures (PNG) to ``out_dir`` (default ``<workdir>/plots``); returns their paths.
+    Raises ReportError when ``workdir`` holds no run."""
+    run = load_run(workdir)
+    out_dir = out_dir or os.path.join(workdir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    written = [_draw(name, lambda draw=draw: draw(run), out_dir) for name, draw in FIGURES]
+
+    def batch_sizes():
+        return eval_batch_size_figure(run, _batch_size_results(run, sizes, evaluate), sizes)
+
+    written.append(_draw("eval_batch_size.png", batch_sizes, out_dir))
+    return [path for path in written if path]
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got '{text}'")
+    return sizes
+
+
+def main(argv: list[str]) -> int:
+    """``python -m oat_jax.report plots <workdir> [--out-dir DIR] [--batch-sizes 1,8,32,128,0] [--no-eval]``"""
+    parser = argparse.ArgumentParser(prog="python -m oat_jax.report plots",
+                                     description="PNG figures of one oat_jax run: test accuracy, anchors, "
+                                                 "OAT's accuracy against the test batch size.")
+    parser.add_argument("workdir", help="the workdir of a python -m oat_jax.main run (finished or running)")
+    parser.add_argument("--out-dir", metavar="DIR", help="where the PNG files go (default: <workdir>/plots)")
+    parser.add_argument("--batch-sizes", type=_sizes, default=",".join(map(str, DEFAULT_SIZES)), metavar="N,N,...",
+                        help="test batch sizes at which OAT's checkpoint is evaluated; 0 = the whole test set "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-eval", action="store_true",
+                        help=f"evaluate nothing: the batch-size figure only from an earlier {RESULTS_FILE}")
+    args = parser.parse_args(argv)
+    try:
+        for path in write_plots(args.workdir, args.out_dir, args.batch_sizes, evaluate=not args.no_eval):
+            print(path)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,155 @@
+"""python -m oat_jax.report plots: the figures of a real tiny run, the test-batch-size sweep against
+independent evaluations, runs from before the anchor telemetry, several seeds, clear errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SYNTHETIC
+from oat_jax import data, eval_batch_sizes, plots, report, train
+from oat_jax.checkpoints import ArmCheckpoints
+
+FIGURES = ("accuracy.png", "anchor_heatmap.png", "anchor_entropy.png", "prediction_share.png",
+           "anchor_range.png", "eval_batch_size.png")
+# The fields a run logs since the anchor telemetry; older runs logged anchor statistics for OAT only.
+TELEMETRY = ("anchor", "prediction_share", "step_anchors", "max_target")
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fake_run(workdir, seeds=(0, 1), classes=4, pretrain_epochs=1, num_epochs=3, old=False):
+    """A workdir as a run of ``method="both"`` leaves it (no checkpoints), its metrics made up; ``old``: as
+    runs logged them before the anchor telemetry (anchor statistics for OAT only)."""
+    rng = np.random.default_rng(0)
+    workdir.mkdir()
+    config = {"dataset": SYNTHETIC, "model": "lightweight", "num_epochs": num_epochs, "method": "both",
+              "pretrain_epochs": pretrain_epochs, "eval_batch_size": 16,
+              "paper": {"table": "", "setting": "", "ce": 0.0, "oat": 0.0}}
+    (workdir / "config.json").write_text(json.dumps(config))
+    phases = [("pretrain", range(1, pretrain_epochs + 1))] + [(arm, range(pretrain_epochs + 1, num_epochs + 1))
+                                                             for arm in ("ce", "oat")]
+    with open(workdir / "metrics.jsonl", "w") as f:
+        for arm, epochs in phases:
+            for epoch, seed in ((epoch, seed) for epoch in epochs for seed in seeds):
+                anchor = rng.dirichlet(np.full(classes, 100.0))
+                record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": "oat" if arm == "oat" else "ce",
+                          "train_loss": 1.0 / epoch, "test_accuracy": 50.0 + 10 * epoch - 5 * seed,
+                          "epoch_seconds": 1.0, "anchor": anchor.tolist(),
+                          "anchor_entropy": float(-(anchor * np.log(anchor)).sum()),
+                          "anchor_min": float(anchor.min()), "anchor_max": float(anchor.max()),
+                          "prediction_share": rng.dirichlet(np.ones(classes)).tolist(),
+                          "step_anchors": [{"step": step, "anchor": rng.dirichlet(np.full(classes, 50.0)).tolist()}
+                                           for step in (1, 7, 13)]}
+                if arm == "oat":
+                    record["max_target"] = float(1 / anchor.min() - 1)
+                if old:
+                    record = {k: v for k, v in record.items() if k not in TELEMETRY
+                              and (arm == "oat" or not k.startswith("anchor_"))}
+                f.write(json.dumps(record) + "\n")
+    return workdir
+
+
+def _check_png(path):
+    """The file is a PNG of a sensible size with something drawn on it."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width >= 500 and image.height >= 350, image.size
+        pixels = np.asarray(image.convert("RGB")).astype(np.int32)
+    colours = pixels[..., 0] << 16 | pixels[..., 1] << 8 | pixels[..., 2]
+    assert pixels.std() > 0 and len(np.unique(colours)) > 10
+
+
+def _restored(workdir, arm, config, dataset):
+    template = train.create_replicas(train.cached_model(config.model, dataset.num_classes, config.dropout_rate),
+                                     dataset.train_images.shape[1:], config)
+    checkpoints = ArmCheckpoints(str(workdir), arm)
+    try:
+        return checkpoints.restore(checkpoints.latest_epoch(), template)
+    finally:
+        checkpoints.close()
+
+
+def _check_sweep(workdir, results):
+    """The sweep's accuracies are those of train.evaluate on the restored checkpoints at each batch size."""
+    config = eval_batch_sizes.run_config(str(workdir))
+    dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
+    mean, std = train.normalisation_statistics(config, dataset)
+    states = _restored(workdir, "oat", config, dataset)
+    assert results["checkpoint_epochs"] == {"oat": 3, "ce": 3} and results["test_samples"] == 75
+    for size in (1, 8, 32, 128, 0):
+        config.eval_batch_size = size or 75
+        assert results["oat"][str(size)] == train.evaluate(states, dataset, config, mean, std, decodes=("oat",))["oat"]
+    config.eval_batch_size = 16
+    ce = train.evaluate(_restored(workdir, "ce", config, dataset), dataset, config, mean, std, decodes=("ce",))
+    assert results["ce"] == ce["ce"]
+    # At the run's own test batch, the same accuracy as the run logged for its last OAT epoch.
+    logged = [r["test_accuracy"] for r in _records(workdir) if r["arm"] == "oat" and r["epoch"] == 3]
+    assert train.evaluate(states, dataset, config, mean, std, decodes=("oat",))["oat"] == logged
+
+
+def test_every_figure_of_a_real_run_and_its_batch_size_sweep(synthetic_config, tmp_path, capsys):
+    # One test, one tiny run (1 epoch of pre-training, then 2 of each arm): under pytest-xdist a fixture
+    # shared by several tests could train it once per worker.
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 3, 1
+    synthetic_config.learning_rate = 0.003
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(synthetic_config, str(workdir), report=lambda record: None)
+    assert all(key in _records(workdir)[0] for key in TELEMETRY[:3])  # the run logs the anchor telemetry
+    assert report.main(["plots", str(workdir)]) == 0
+    captured = capsys.readouterr()
+    for name in FIGURES:
+        assert str(workdir / "plots" / name) in captured.out
+        _check_png(workdir / "plots" / name)
+    assert "evaluating the OAT checkpoint of epoch 3 in test batches of 1" in captured.err
+    results = json.loads((workdir / "eval_batch_sizes.json").read_text())
+    _check_sweep(workdir, results)
+    assert eval_batch_sizes.evaluate_batch_sizes(str(workdir), sizes=(8, 0)) == results  # reused, not redone
+    assert "evaluating" not in capsys.readouterr().err
+
+
+def test_a_run_from_before_the_telemetry_still_gets_its_accuracy(tmp_path, capsys):
+    workdir = _fake_run(tmp_path / "old", old=True)
+    assert report.main(["plots", str(workdir), "--out-dir", str(tmp_path / "figures")]) == 0
+    err = capsys.readouterr().err
+    _check_png(tmp_path / "figures" / "accuracy.png")
+    _check_png(tmp_path / "figures" / "anchor_entropy.png")  # OAT's entropy was logged before
+    for name in ("anchor_heatmap.png", "prediction_share.png", "eval_batch_size.png"):
+        assert not (tmp_path / "figures" / name).exists()
+        assert f"note: {name} skipped" in err
+    assert "no checkpoint of the OAT arm" in err and "Traceback" not in err
+    assert not (workdir / "checkpoints").exists()  # looking for checkpoints created none
+
+
+def test_several_seeds_are_drawn_as_mean_and_band(tmp_path, capsys):
+    workdir = _fake_run(tmp_path / "seeds", seeds=(0, 1, 2), classes=30)
+    axes = plots.accuracy_figure(plots.load_run(str(workdir))).axes[0]
+    assert len(axes.collections) == 2  # a min-max band per arm
+    assert list(axes.lines[0].get_ydata()) == pytest.approx([55.0, 65.0, 75.0])  # the mean over the seeds
+    assert report.main(["plots", str(workdir), "--no-eval"]) == 0
+    assert "run without --no-eval" in capsys.readouterr().err
+    for name in FIGURES[:-1]:
+        _check_png(workdir / "plots" / name)
+
+
+def test_a_folder_without_a_run_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    for workdir, message in ((tmp_path / "empty", "config.json is missing"),
+                             (tmp_path / "config_only", "metrics.jsonl is missing"),
+                             (tmp_path / "nowhere", "is not a folder")):
+        assert report.main(["plots", str(workdir)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "empty" / "plots")
+
+
+def test_batch_sizes_must_be_non_negative_integers(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["plots", str(tmp_path), "--batch-sizes", "1,x"])
+    assert exit_.value.code == 2 and "non-negative integers" in capsys.readouterr().err
