@@ -6,6 +6,7 @@ moment leaves only whole checkpoints behind; the latest one is where a rerun res
 from __future__ import annotations
 
 import os
+import shutil
 
 import orbax.checkpoint as ocp
 
@@ -15,6 +16,7 @@ class ArmCheckpoints:
 
     def __init__(self, workdir: str, arm: str, max_to_keep: int = 2):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints", arm)
+        self.arm = arm
         # Two are kept so that the previous epoch survives while the next one is being written. Saving is
         # synchronous: the states are small (a tenth of a second here), and an epoch's checkpoint is then
         # complete on disk before the next epoch starts, with no background threads competing for the CPU.
@@ -32,7 +34,89 @@ class ArmCheckpoints:
         """The state saved at ``epoch``, with the structure (and static fields) of ``template``."""
         return self._manager.restore(epoch, args=ocp.args.StandardRestore(template))
 
+    def restore_latest(self, template, warn) -> tuple[int | None, object]:
+        """(epoch, state) of the latest checkpoint that restores, or (None, None). A checkpoint that does not
+        (truncated, corrupt) is moved aside to ``checkpoints/corrupt/``, never deleted, and ``warn`` is
+        called with a line naming it; the previous one is tried next."""
+        for epoch in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return epoch, self.restore(epoch, template)
+            except Exception as error:  # Orbax and tensorstore raise many kinds for a damaged file
+                moved = _set_aside(os.path.join(self.directory, str(epoch)), os.path.dirname(self.directory),
+                                   f"{self.arm}-epoch{epoch}")
+                self._manager.reload()
+                warn(f"checkpoint {os.path.join(self.directory, str(epoch))} cannot be restored "
+                     f"({type(error).__name__}: {_first_line(error)}); moved to {moved}, "
+                     "going back to the previous checkpoint")
+        return None, None
+
     def close(self) -> None:
         """Waits for a save in flight to be complete on disk."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class PartialEpochs:
+    """An epoch stopped part-way by Ctrl-C or SIGTERM: the replicas' states after its first ``step`` steps and
+    the epoch's running records (arrays), in ``<workdir>/checkpoints/<arm>-partial/``, so that a rerun
+    finishes the epoch exactly as an uninterrupted run would. Only the latest is kept; ``clear`` removes it
+    once the epoch is complete."""
+
+    def __init__(self, workdir: str, arm: str):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints", f"{arm}-partial")
+
+    def _manager(self):
+        return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+
+    def save(self, epoch: int, step: int, states, records: dict) -> None:
+        manager = self._manager()
+        # One number per (epoch, step): a later stop of the same epoch is a newer checkpoint, not a clash.
+        manager.save(epoch * _STEPS_PER_EPOCH_BOUND + step, args=ocp.args.Composite(
+            states=ocp.args.StandardSave(states), records=ocp.args.StandardSave(records)))
+        manager.wait_until_finished()
+        manager.close()
+
+    def restore(self, epoch: int, template, warn):
+        """(step, states, records) of a stop within ``epoch``, or None when there is none. One that does not
+        restore is moved aside to ``checkpoints/corrupt/`` (``warn`` names it) and the epoch starts over."""
+        if not os.path.isdir(self.directory):
+            return None
+        manager = self._manager()
+        try:
+            latest = manager.latest_step()
+            if latest is None or latest // _STEPS_PER_EPOCH_BOUND != epoch:
+                return None
+            restored = manager.restore(latest, args=ocp.args.Composite(
+                states=ocp.args.StandardRestore(template), records=ocp.args.StandardRestore()))
+            return latest % _STEPS_PER_EPOCH_BOUND, restored["states"], restored["records"]
+        except Exception as error:  # as in ArmCheckpoints.restore_latest
+            moved = _set_aside(self.directory, os.path.dirname(self.directory), os.path.basename(self.directory))
+            warn(f"the part-way checkpoint {self.directory} cannot be restored ({type(error).__name__}: "
+                 f"{_first_line(error)}); moved to {moved}, epoch {epoch} starts over")
+            return None
+        finally:
+            manager.close()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# Steps of one epoch are fewer than this (a million batches), so epoch * bound + step orders the stops.
+_STEPS_PER_EPOCH_BOUND = 1_000_000
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def _set_aside(path: str, checkpoints: str, name: str) -> str:
+    """Moves a damaged checkpoint folder to ``<checkpoints>/corrupt/<name>[-k]``; returns where."""
+    corrupt = os.path.join(checkpoints, "corrupt")
+    os.makedirs(corrupt, exist_ok=True)
+    target, k = os.path.join(corrupt, name), 1
+    while os.path.exists(target):
+        k += 1
+        target = os.path.join(corrupt, f"{name}-{k}")
+    os.rename(path, target)
+    return target

@@ -10,13 +10,26 @@ import signal
 import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from oat_jax import data
-from oat_jax.models.weights import WeightsError
-from oat_jax.config_schema import ConfigError, validate_config
-from oat_jax.train import TrainingDiverged, WorkdirMismatch, request_stop, stop_requested, train_and_evaluate
+def _interrupted_early(signum, frame):
+    print("error: interrupted before training started; nothing was changed", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C or SIGTERM while the heavy imports below load: one line, not a traceback. main() replaces these
+    # handlers with ones that stop training at the next step.
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _interrupted_early)
+
+# Imported after the early signal handlers above.
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from oat_jax import data  # noqa: E402
+from oat_jax.models.weights import WeightsError  # noqa: E402
+from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
+from oat_jax.train import TrainingDiverged, WorkdirMismatch, request_stop, stop_requested, train_and_evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and summary.json.")

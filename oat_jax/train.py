@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from oat_jax import data, input_pipeline, oat, steps
 from oat_jax import state as state_lib
-from oat_jax.checkpoints import ArmCheckpoints
+from oat_jax.checkpoints import ArmCheckpoints, PartialEpochs
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
 
 # How many steps of each epoch have their batch anchor recorded, evenly spread.
@@ -138,8 +138,22 @@ def _max_targets(anchors, labels, masks):
     return np.maximum(largest, 1.0)
 
 
-def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device=None) -> EpochResult:
-    """One pass over the training set for every replica (see EpochResult).
+class EpochStopped(KeyboardInterrupt):
+    """A stop request arrived part-way through an epoch: ``partial`` = (steps done, states, records) is what
+    a rerun needs to finish the epoch as if nothing had happened."""
+
+    def __init__(self, partial):
+        super().__init__()
+        self.partial = partial
+
+
+_RECORD_NAMES = ("losses", "anchors", "weights", "labels", "masks")
+
+
+def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device=None,
+                resume=None) -> EpochResult:
+    """One pass over the training set for every replica (see EpochResult). ``resume`` = (steps done,
+    states, records) continues an epoch stopped part-way (EpochStopped), which this raises on a stop request.
 
     With ``on_device`` = (images, labels) already on the device, the epoch runs as one compiled loop
     (``steps.train_epoch_fused``); otherwise step by step from host memory, with a progress bar."""
@@ -157,10 +171,15 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
         real = np.arange(count * config.batch_size).reshape(count, 1, config.batch_size) < len(orders[0])
         masks = np.broadcast_to(real, labels.shape)
     else:
-        losses, anchors, weights, labels_seen, masks_seen = [], [], [], [], []
-        progress = tqdm(total=count, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
+        done, records = 0, {name: [] for name in _RECORD_NAMES}
+        if resume is not None:
+            done, states, saved = resume
+            records = {name: list(saved[name]) for name in _RECORD_NAMES}
+        losses, anchors, weights, labels_seen, masks_seen = (records[name] for name in _RECORD_NAMES)
+        progress = tqdm(total=count, initial=done, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
                         disable=None if config.progress else True, file=sys.stderr)
-        for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, orders,
+        remaining = [order[done * config.batch_size:] for order in orders]
+        for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, remaining,
                                                       config.batch_size):
             states, loss, anchor = steps.train_step_replicas(states, images, labels, masks, mean, std,
                                                              objective=objective, variant=config.variant,
@@ -171,21 +190,25 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
             labels_seen.append(labels)
             masks_seen.append(masks)
             progress.update()
-            _stop_if_requested()
+            if _STOP.is_set() and len(losses) < count:
+                progress.close()
+                raise EpochStopped((len(losses), states, {name: np.stack(jax.device_get(records[name]))
+                                                          for name in _RECORD_NAMES}))
         progress.close()
         losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(weights)
         labels, masks = np.stack(labels_seen), np.stack(masks_seen)
     losses = np.asarray(jax.device_get(losses), dtype=np.float64)  # (steps, K)
-    bad = np.argwhere(~np.isfinite(losses))
+    anchors = np.asarray(jax.device_get(anchors), dtype=np.float64)  # (steps, K, C)
+    bad = np.argwhere(~np.isfinite(losses) | ~np.isfinite(anchors).all(axis=-1))
     if bad.size:
         step, replica = bad[0]
         raise TrainingDiverged(
             f"training diverged: arm '{arm}', epoch {epoch}, step {step + 1} of {count}"
             + (f", seed {seeds[replica]}" if len(seeds) > 1 else "")
-            + f" has a non-finite loss ({losses[step, replica]}); {_divergence_hint(objective, config)}. "
+            + f" has a non-finite loss or anchor (loss {losses[step, replica]}, anchor entries "
+            f"{np.round(anchors[step, replica, :4], 6).tolist()}...); {_divergence_hint(objective, config)}. "
             "The last good checkpoint is kept.")
     weights = np.asarray(jax.device_get(weights), dtype=np.float64)  # (steps, K)
-    anchors = np.asarray(jax.device_get(anchors), dtype=np.float64)  # (steps, K, C)
     mean_losses = np.sum(losses * weights, axis=0) / np.sum(weights, axis=0)
     mean_anchors = np.einsum("sk,skc->kc", weights, anchors) / np.sum(weights, axis=0)[:, None]
     sampled = np.unique(np.linspace(0, count - 1, min(count, _SAMPLED_STEPS)).round().astype(int))
@@ -230,11 +253,19 @@ def _epoch_record(arm, epoch, seed, objective, result: EpochResult, k, accuracy,
 
 def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch, checkpoints, log, mean, std,
                report, on_device):
-    """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each (a line per seed)."""
+    """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each (a line per seed).
+    A stop request part-way through an epoch saves that epoch's progress first; the next run resumes it."""
+    partials = PartialEpochs(os.path.dirname(os.path.dirname(checkpoints.directory)), arm)
     for epoch in range(first_epoch, last_epoch + 1):
         _stop_if_requested()
         started = time.perf_counter()
-        result = train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device)
+        resume = partials.restore(epoch, states, _warn) if epoch == first_epoch else None
+        try:
+            result = train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device, resume)
+        except EpochStopped as stop:
+            step, stopped_states, records = stop.partial
+            partials.save(epoch, step, stopped_states, records)
+            raise
         states = result.states
         accuracies, shares = evaluate_in_detail(states, dataset, config, mean, std, decodes=(objective,))
         seconds = time.perf_counter() - started
@@ -245,9 +276,29 @@ def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch,
         for record in records:
             log.append(record)
         checkpoints.save(epoch, states)
+        partials.clear()  # the epoch is complete: its part-way state is stale
         for record in records:
             report(record)
     return states
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _resume_points(managers, template, config, arms) -> dict:
+    """Each arm's (last restorable epoch or None, its state or None), falling back past damaged checkpoints.
+    A finished arm is not restored; the pre-training only when something still needs it."""
+    points = {}
+    for arm in arms:
+        latest = managers[arm].latest_epoch()
+        points[arm] = (latest, None) if latest == config.num_epochs else managers[arm].restore_latest(template, _warn)
+    pretrain_latest = managers["pretrain"].latest_epoch()
+    if any(epoch is None for epoch, _ in points.values()) or (pretrain_latest or 0) < config.pretrain_epochs:
+        points["pretrain"] = managers["pretrain"].restore_latest(template, _warn)
+    else:
+        points["pretrain"] = (pretrain_latest, None)
+    return points
 
 
 def _print_epoch(record):
@@ -273,24 +324,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
     arms = arms_of(config.method)
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in ["pretrain"] + arms}
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    done = {arm: manager.latest_epoch() for arm, manager in managers.items()}
-    log.keep_only({arm: -1 if epoch is None else epoch for arm, epoch in done.items()})
     try:
-        pretrain_done = done["pretrain"]
+        points = _resume_points(managers, template, config, arms)
+        # Metrics of epochs past the checkpoints (an epoch logged but not saved, a damaged checkpoint) are redone.
+        log.keep_only({arm: -1 if epoch is None else epoch for arm, (epoch, _) in points.items()})
+        pretrain_done, state = points["pretrain"]
         if pretrain_done is None:
             state = template
             managers["pretrain"].save(0, state)  # the branch point exists even with no pre-training
             pretrain_done = 0
-        else:
-            state = managers["pretrain"].restore(pretrain_done, template)
         state = _run_phase(state, dataset, config, "pretrain", "ce", pretrain_done + 1, config.pretrain_epochs,
                            managers["pretrain"], log, mean, std, report, on_device)
         for arm in arms:
-            if done[arm] == config.num_epochs:
+            done, arm_state = points[arm]
+            if done == config.num_epochs:
                 continue  # this arm has finished
-            if done[arm] is not None:
-                state = managers[arm].restore(done[arm], template)
-                first = done[arm] + 1
+            if done is not None:
+                state, first = arm_state, done + 1
             else:
                 state = managers["pretrain"].restore(config.pretrain_epochs, template)
                 if arm == "oat" and config.reset_momentum:

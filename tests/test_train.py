@@ -184,6 +184,63 @@ def test_interrupted_run_resumes_to_the_same_result(synthetic_config, tmp_path, 
     assert again == expected and records == []
 
 
+def test_a_stop_part_way_through_an_epoch_is_saved_and_finished_exactly(synthetic_config, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM in the middle of an epoch (of the pre-training, then of the CE arm): the part-way
+    state is saved, and the reruns end with exactly the uninterrupted run's metrics and summary."""
+    synthetic_config.model, synthetic_config.dropout_rate = STANDIN_MODEL, 0.5
+    expected, _ = _run(synthetic_config, tmp_path / "straight")
+    real_step, calls = steps.train_step_replicas, []
+
+    def step_then_maybe_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in (5, 20, 33):  # 13 steps an epoch: epoch 1 step 5, epoch 2 step 7, CE epoch 3 step 7
+            train.request_stop()
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "train_step_replicas", step_then_maybe_stop)
+    workdir = tmp_path / "stopped"
+    for arm in ("pretrain", "pretrain", "ce"):
+        with pytest.raises(KeyboardInterrupt):
+            _run(synthetic_config, workdir)
+        assert (workdir / "checkpoints" / f"{arm}-partial").is_dir()
+    resumed, _ = _run(synthetic_config, workdir)
+    assert resumed == expected
+    assert len(calls) == 13 * 6  # no step was trained twice
+    assert not any(p.name.endswith("-partial") for p in (workdir / "checkpoints").iterdir())
+
+    def lines(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+                for line in open(tmp_path / run / "metrics.jsonl")]
+    assert lines("stopped") == lines("straight")
+
+
+def _damage(folder):
+    """Overwrites every file of a checkpoint with bytes no reader accepts."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00not a checkpoint" * 3)
+
+
+@pytest.mark.parametrize("stop_after, damaged", [(4, 4), (3, 3)])  # back to CE epoch 3; to the branch point
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(synthetic_config, tmp_path, capsys,
+                                                                     stop_after, damaged):
+    """The CE arm's latest checkpoint is damaged after a stop: the rerun names it, moves it to
+    checkpoints/corrupt/ (nothing deleted), resumes from the one before (or the arm's branch point) and
+    ends with the uninterrupted run's summary."""
+    synthetic_config.num_epochs = 5  # the CE arm is unfinished after the stop (a finished arm is never restored)
+    expected, _ = _run(synthetic_config, tmp_path / "straight")
+    workdir = tmp_path / "damaged"
+    with pytest.raises(KeyboardInterrupt):
+        _run(synthetic_config, workdir, stop_after=stop_after)
+    _damage(workdir / "checkpoints" / "ce" / str(damaged))
+    capsys.readouterr()
+    resumed, _ = _run(synthetic_config, workdir)
+    warning = capsys.readouterr().err
+    assert f"checkpoints/ce/{damaged} cannot be restored" in warning
+    assert (workdir / "checkpoints" / "corrupt" / f"ce-epoch{damaged}").is_dir()
+    assert resumed == expected
+
+
 def test_checkpoints_restore_the_evaluated_state(synthetic_config, tmp_path):
     summary, _ = _run(synthetic_config, tmp_path)
     dataset = data.load_dataset(synthetic_config.dataset)
@@ -214,6 +271,21 @@ def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_p
     with pytest.raises(train.TrainingDiverged, match=r"arm 'oat', epoch 1, step \d+ .*paper variant"):
         _run(synthetic_config, tmp_path)
     assert ArmCheckpoints(str(tmp_path), "oat").latest_epoch() is None  # nothing diverged was saved
+
+
+def test_a_non_finite_anchor_stops_training_too(synthetic_config, tmp_path, monkeypatch):
+    """A finite loss with a non-finite anchor (as in the pre-training, whose loss does not use it) is divergence."""
+    real_step, calls = steps.train_step_replicas, []
+
+    def step_with_a_broken_anchor(*args, **kwargs):
+        calls.append(1)
+        states, loss, anchor = real_step(*args, **kwargs)
+        return states, loss, anchor.at[:, 0].set(jnp.nan) if len(calls) == 3 else anchor
+
+    monkeypatch.setattr(steps, "train_step_replicas", step_with_a_broken_anchor)
+    with pytest.raises(train.TrainingDiverged, match=r"arm 'pretrain', epoch 1, step 3 of 13 .*anchor"):
+        _run(synthetic_config, tmp_path)
+    assert ArmCheckpoints(str(tmp_path), "pretrain").latest_epoch() == 0  # the last good one stays
 
 
 @pytest.mark.parametrize("objective", ["ce", "oat"])

@@ -32,7 +32,7 @@ HOW_TO_GET = (
     f"get it by one of: downloading {ARCHIVE} from "
     "https://www.cs.toronto.edu/~kriz/cifar.html and setting "
     f"{ENV_VAR} or the config's data_dir to it or to the folder holding it (or its "
-    f"extracted {FOLDER} folder); or installing tensorflow (e.g. "
+    f"extracted {FOLDER} folder); or, with network, installing tensorflow (e.g. "
     "`pip install tensorflow-cpu`) so tensorflow-datasets can download and prepare it"
 )
 

@@ -35,7 +35,7 @@ HOW_TO_GET = (
     "get it by one of: `apt-get install dataset-fashion-mnist` (Debian, installs to "
     f"{DEFAULT_DIR}); setting {ENV_VAR} or the config's data_dir to a folder holding "
     f"the four IDX files ({', '.join(FILES.values())}, each optionally .gz); "
-    "or installing tensorflow (e.g. `pip install tensorflow-cpu`) so "
+    "or, with network, installing tensorflow (e.g. `pip install tensorflow-cpu`) so "
     "tensorflow-datasets can download and prepare it"
 )
 

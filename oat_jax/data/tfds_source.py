@@ -4,22 +4,29 @@ tfds' ``array_record`` data sources are plain random-access readers, so an
 already prepared dataset loads with numpy alone; TensorFlow is only needed to
 download and prepare it the first time. tensorflow_datasets is imported inside
 the function because it is slow to import and local-file paths never need it.
+
+Before a download, the download hosts get a quick reachability check (see
+network.py): without network, tfds would otherwise retry for minutes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import os
 from typing import Any, Iterator
 
 import numpy as np
 
-from oat_jax.data import DatasetError, DatasetUnavailable
+from oat_jax.data import DatasetError, DatasetUnavailable, network
 
 _BATCH = 1024
 _FILE_FORMAT = "array_record"
+# Tried when a builder's own download URLs cannot be found: tfds' mirror of
+# prepared datasets (gs://tfds-data) and the host of many of its downloads.
+FALLBACK_HOSTS = [("storage.googleapis.com", 443)]
 
 
 def load_tfds(
@@ -52,6 +59,10 @@ def load_tfds(
             raise DatasetError(f"tensorflow-datasets cannot open {name!r}: {_line(e)}") from None
 
         if not prepared and _tensorflow_available():
+            require_network(name, builder)
+            # tfds' download manager retries without an overall time limit of
+            # its own, so a host that passed the check but then stalls still
+            # stalls here; the check above is the only bound on going offline.
             try:
                 builder.download_and_prepare(file_format=_FILE_FORMAT)
             except Exception as e:
@@ -75,6 +86,51 @@ def load_tfds(
                 f"tensorflow-datasets could not read {name!r} from {where}: {_line(e)}"
             ) from None
     return train + test
+
+
+def require_network(name: str, builder: Any) -> None:
+    """Raise DatasetUnavailable within seconds when none of the hosts ``builder``
+    downloads from answers, instead of letting tfds retry for minutes.
+
+    The message is one line without "how to fix" advice, like load_tfds': the
+    calling dataset module appends its own offline alternatives.
+    """
+    # tfds.testing.mock_data swaps in a download_and_prepare that downloads
+    # nothing; checking the network for it would fail offline tests for nothing.
+    if getattr(builder.download_and_prepare, "__module__", "").startswith("tensorflow_datasets.testing"):
+        return
+    addresses = network.addresses_of(download_urls(builder)) or FALLBACK_HOSTS
+    why = network.unreachable(addresses)
+    if why is not None:
+        raise DatasetUnavailable(f"no network: tensorflow-datasets cannot download {name!r}: no connection to {why}")
+
+
+def download_urls(builder: Any) -> list[str]:
+    """The URLs ``builder`` downloads from, as recorded in its checksums file; [] when unknown.
+
+    ``builder.url_infos`` reads that file but fails in some tfds versions
+    (it imports importlib_resources, which Python >= 3.9 installs lack), so
+    the file is also looked for where tfds keeps it: next to the builder's
+    code, or under tfds' url_checksums folder for older datasets.
+    """
+    try:
+        return list(builder.url_infos or ())
+    except Exception:
+        pass
+    candidates = []
+    with contextlib.suppress(TypeError, OSError):
+        candidates.append(os.path.join(os.path.dirname(inspect.getfile(type(builder))), "checksums.tsv"))
+    with contextlib.suppress(ImportError, AttributeError):
+        import tensorflow_datasets as tfds
+
+        candidates.append(os.path.join(os.path.dirname(tfds.__file__), "url_checksums", f"{builder.name}.txt"))
+    for path in candidates:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [line.split("\t", 1)[0] for line in f if "://" in line and not line.startswith("#")]
+        except OSError:
+            continue
+    return []
 
 
 def _tensorflow_available() -> bool:

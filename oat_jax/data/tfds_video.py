@@ -78,7 +78,10 @@ def prepare(name: str, config: str, data_dir: str, builder_module: str) -> Prepa
         importlib.import_module(builder_module)
         with tfds_source._quiet_absl():
             builder = tfds.builder(f"{name}/{config}", data_dir=data_dir, file_format=_FILE_FORMAT)
+            tfds_source.require_network(f"{name}/{config}", builder)  # offline: fail in seconds, not minutes
             builder.download_and_prepare(file_format=_FILE_FORMAT)
+    except DatasetUnavailable:
+        raise
     except Exception as e:  # any tfds failure becomes one line, not a traceback
         raise DatasetUnavailable(
             f"tensorflow-datasets failed to download and prepare {name}/{config} in {data_dir}: {error_line(e)}"
