@@ -28,6 +28,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from oat_jax import data  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
+from oat_jax.sharding import ShardingError  # noqa: E402
 from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
 from oat_jax.train import TrainingDiverged, WorkdirMismatch, request_stop, stop_requested, train_and_evaluate  # noqa: E402
 
@@ -114,7 +115,7 @@ def main(argv):
     started = time.perf_counter()
     try:
         summary = train_and_evaluate(config, workdir)
-    except (data.DatasetError, WeightsError, WorkdirMismatch) as e:
+    except (data.DatasetError, ShardingError, WeightsError, WorkdirMismatch) as e:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=3)

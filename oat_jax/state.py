@@ -11,7 +11,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from oat_jax import models
+from oat_jax import models, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -76,4 +76,4 @@ def create_train_state(model, image_shape, config, seed: int, pretrained: str = 
 def create_replicas(model, image_shape, config, pretrained: str = "") -> TrainState:
     """The states of all replicas stacked on a leading axis (K = num_seeds), each initialised from its seed."""
     states = [create_train_state(model, image_shape, config, seed, pretrained) for seed in replica_seeds(config)]
-    return jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *states), jax.devices()[0])
+    return sharding.place_states(jax.tree.map(lambda *leaves: jnp.stack(leaves), *states), sharding.data_mesh())

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from oat_jax import data, input_pipeline, oat, steps
+from oat_jax import data, input_pipeline, oat, sharding, steps
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints, PartialEpochs
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
@@ -79,9 +79,11 @@ def normalisation_statistics(config, dataset: data.Dataset) -> tuple[np.ndarray,
 
 
 def _replica_batches(images, labels, orders, batch_size):
-    """Lockstep batches of K replicas, each in its own order: (K, B, ...) images, (K, B) labels and masks."""
+    """Lockstep batches of K replicas, each in its own order: (K, B, ...) images, (K, B) labels and masks,
+    split over the devices along B where there are several."""
+    mesh = sharding.data_mesh()
     for parts in zip(*(input_pipeline.batches(images, labels, order, batch_size) for order in orders)):
-        yield tuple(np.stack(arrays) for arrays in zip(*parts))
+        yield sharding.place_batch(tuple(np.stack(arrays) for arrays in zip(*parts)), mesh)
 
 
 def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes: tuple[str, ...] = ("ce", "oat")):
@@ -312,6 +314,7 @@ def _print_epoch(record):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
     """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json)."""
     _STOP.clear()  # a stop asked of an earlier run in this process does not carry over
+    sharding.check_batch_sizes(config, sharding.data_mesh())
     pretrained = state_lib.pretrained_path(config)  # a missing weights file is reported before anything is written
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(workdir, config)
