@@ -17,6 +17,7 @@ class ArmCheckpoints:
     def __init__(self, workdir: str, arm: str, max_to_keep: int = 2):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints", arm)
         self.arm = arm
+        self.partial = PartialEpochs(workdir, arm)  # an epoch of this arm stopped part-way
         # Two are kept so that the previous epoch survives while the next one is being written. Saving is
         # synchronous: the states are small (a tenth of a second here), and an epoch's checkpoint is then
         # complete on disk before the next epoch starts, with no background threads competing for the CPU.

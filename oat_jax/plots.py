@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
 from oat_jax.metrics_log import MetricsLog
-from oat_jax.report import ReportError
+from oat_jax.report import ReportError, read_workdir_json
 
 COLOURS = {"pretrain": "0.3", "ce": "tab:blue", "oat": "tab:orange"}
 NAMES = {"pretrain": "cross-entropy pre-training", "ce": "cross-entropy", "oat": "OAT"}
@@ -85,21 +85,11 @@ class Run:
         return pretrain + self.arm_records(arm, key)
 
 
-def _read_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ReportError(f"{path} is missing: is {os.path.dirname(path)} an oat_jax workdir?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path} is not valid JSON ({e})") from None
-
-
 def load_run(workdir: str) -> Run:
     """The run in ``workdir``; ReportError if it has no config.json or no logged epoch yet."""
     if not os.path.isdir(workdir):
         raise ReportError(f"{workdir} is not a folder")
-    config = _read_config(os.path.join(workdir, "config.json"))
+    config = read_workdir_json(os.path.join(workdir, "config.json"))
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise ReportError(f"{path} is missing: is {workdir} an oat_jax workdir of a started run?")

@@ -34,13 +34,14 @@ class Cell:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_json(path: str) -> dict:
+def read_workdir_json(path: str, question_end: str = "?") -> dict:
+    """A JSON file of a workdir; ReportError naming it when missing (asking whether its folder is an
+    oat_jax workdir, the question ending with ``question_end``) or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ReportError(f"{path} is missing: is {os.path.dirname(path)} an oat_jax workdir of a finished "
-                          "run? (summary.json is written when a run ends)") from None
+        raise ReportError(f"{path} is missing: is {os.path.dirname(path)} an oat_jax workdir{question_end}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ReportError(f"{path} is not valid JSON ({e})") from None
 
@@ -66,8 +67,9 @@ def collect(workdirs: list[str]) -> list[Cell]:
     """One Cell per (table, setting) found in the workdirs' summary.json and config.json."""
     cells: dict[tuple[str, str], Cell] = {}
     for workdir in workdirs:
-        summary = _read_json(os.path.join(workdir, "summary.json"))
-        config = _read_json(os.path.join(workdir, "config.json"))
+        finished = " of a finished run? (summary.json is written when a run ends)"
+        summary = read_workdir_json(os.path.join(workdir, "summary.json"), finished)
+        config = read_workdir_json(os.path.join(workdir, "config.json"), finished)
         paper = summary.get("paper")
         if paper:
             key = (paper["table"], paper["setting"])

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from oat_jax import data, input_pipeline, oat, sharding, steps
 from oat_jax import state as state_lib
-from oat_jax.checkpoints import ArmCheckpoints, PartialEpochs
+from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
 
 # How many steps of each epoch have their batch anchor recorded, evenly spread.
@@ -257,7 +257,7 @@ def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch,
                report, on_device):
     """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each (a line per seed).
     A stop request part-way through an epoch saves that epoch's progress first; the next run resumes it."""
-    partials = PartialEpochs(os.path.dirname(os.path.dirname(checkpoints.directory)), arm)
+    partials = checkpoints.partial
     for epoch in range(first_epoch, last_epoch + 1):
         _stop_if_requested()
         started = time.perf_counter()
