@@ -22,6 +22,27 @@ def timed_repeats(run: Callable[[], None], repeats: int) -> dict[str, float]:
     return spread(seconds)
 
 
+def time_training_steps(states, step: Callable, steps_per_repeat: int, repeats: int):
+    """(first call seconds, ms per step statistics, final states) of ``step(states) -> (states, loss, ...)``
+    applied again and again; the first call compiles, ten more warm up."""
+    import jax
+    holder = {"states": states}
+
+    def run(count):
+        states, loss = holder["states"], None
+        for _ in range(count):
+            states, loss, *_ = step(states)
+        jax.block_until_ready(loss)
+        holder["states"] = states
+
+    started = time.perf_counter()
+    run(1)
+    first = time.perf_counter() - started
+    run(10)
+    stats = timed_repeats(lambda: run(steps_per_repeat), repeats)
+    return first, scaled(stats, 1e3 / steps_per_repeat), holder["states"]
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
 

@@ -57,22 +57,10 @@ def _time_train_steps(args, config, model, objective, replicas):
     images, labels, masks = _batch(args, replicas)
     mean = np.full(args.image_shape[-1], 0.5, np.float32)
     std = np.full(args.image_shape[-1], 0.25, np.float32)
-    holder = {"states": train.create_replicas(model, args.image_shape, config)}
-
-    def run(count):
-        states, loss = holder["states"], None
-        for _ in range(count):
-            states, loss, _ = steps.train_step_replicas(states, images, labels, masks, mean, std,
-                                                        objective=objective, variant=args.variant)
-        jax.block_until_ready(loss)
-        holder["states"] = states
-
-    started = time.perf_counter()
-    run(1)  # compiles
-    first = time.perf_counter() - started
-    run(10)
-    stats = common.timed_repeats(lambda: run(args.steps), args.repeats)
-    return first, common.scaled(stats, 1e3 / args.steps), holder["states"]
+    states = train.create_replicas(model, args.image_shape, config)
+    return common.time_training_steps(
+        states, lambda states: steps.train_step_replicas(states, images, labels, masks, mean, std, objective=objective,
+                                                         variant=args.variant), args.steps, args.repeats)
 
 
 def _jax_figures(args) -> dict:

@@ -1,7 +1,8 @@
 """Orbax checkpoints of one training arm: ``<workdir>/checkpoints/<arm>/<epoch>``.
 
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a run killed at any
-moment leaves only whole checkpoints behind; the latest one is where a rerun resumes.
+moment leaves only whole checkpoints behind; the latest one is where a rerun resumes. With several processes
+every one calls the same methods (Orbax coordinates the writing); process 0 alone moves or removes folders.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import shutil
 
 import orbax.checkpoint as ocp
+
+from oat_jax import distributed
 
 
 class ArmCheckpoints:
@@ -45,6 +48,7 @@ class ArmCheckpoints:
             except Exception as error:  # Orbax and tensorstore raise many kinds for a damaged file
                 moved = _set_aside(os.path.join(self.directory, str(epoch)), os.path.dirname(self.directory),
                                    f"{self.arm}-epoch{epoch}")
+                distributed.barrier(f"oat_jax:set-aside-{self.arm}-{epoch}")
                 self._manager.reload()
                 warn(f"checkpoint {os.path.join(self.directory, str(epoch))} cannot be restored "
                      f"({type(error).__name__}: {_first_line(error)}); moved to {moved}, "
@@ -93,6 +97,7 @@ class PartialEpochs:
             return latest % _STEPS_PER_EPOCH_BOUND, restored["states"], restored["records"]
         except Exception as error:  # as in ArmCheckpoints.restore_latest
             moved = _set_aside(self.directory, os.path.dirname(self.directory), os.path.basename(self.directory))
+            distributed.barrier(f"oat_jax:set-aside-{os.path.basename(self.directory)}")
             warn(f"the part-way checkpoint {self.directory} cannot be restored ({type(error).__name__}: "
                  f"{_first_line(error)}); moved to {moved}, epoch {epoch} starts over")
             return None
@@ -100,7 +105,9 @@ class PartialEpochs:
             manager.close()
 
     def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if distributed.is_primary():
+            shutil.rmtree(self.directory, ignore_errors=True)
+        distributed.barrier(f"oat_jax:cleared-{os.path.basename(self.directory)}")
 
 
 # Steps of one epoch are fewer than this (a million batches), so epoch * bound + step orders the stops.
@@ -112,7 +119,10 @@ def _first_line(error: BaseException) -> str:
 
 
 def _set_aside(path: str, checkpoints: str, name: str) -> str:
-    """Moves a damaged checkpoint folder to ``<checkpoints>/corrupt/<name>[-k]``; returns where."""
+    """Moves a damaged checkpoint folder to ``<checkpoints>/corrupt/<name>[-k]``; returns where (process 0
+    moves it; the others only answer where)."""
+    if not distributed.is_primary():
+        return os.path.join(checkpoints, "corrupt", name)
     corrupt = os.path.join(checkpoints, "corrupt")
     os.makedirs(corrupt, exist_ok=True)
     target, k = os.path.join(corrupt, name), 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from oat_jax import data, models, oat
+from oat_jax import data, models, oat, sharding
 
 METHODS = ("both", "ce", "oat")
 NORMALISATIONS = ("dataset", "imagenet")
@@ -44,10 +44,21 @@ def base_config() -> ml_collections.ConfigDict:
     config.train_limit = 0           # use only the first N training samples (0 = all)
     config.test_limit = 0            # use only the first N test samples (0 = all)
     config.fused_epoch = False       # one compiled loop per epoch, data on the device (fast on GPU)
+    config.anchor_scope = "global"   # on several devices: "global" = the anchor of the whole batch, as on one
+                                     # device; "device" = each device's slice has its own (oat_jax.sharding)
     config.progress = True           # progress bar on a terminal
     # The paper's figures for this experiment (table "" = the paper has none), printed beside ours and
     # used by ``python -m oat_jax.report`` to place the run in the paper's table.
     config.paper = ml_collections.ConfigDict({"table": "", "setting": "", "ce": 0.0, "oat": 0.0})
+    # A run over several processes (hosts), see oat_jax.distributed; each field falls back to an environment
+    # variable (OAT_COORDINATOR_ADDRESS, OAT_NUM_PROCESSES, OAT_PROCESS_ID). Not part of the run's identity:
+    # a run may resume on another number of processes.
+    config.distributed = ml_collections.ConfigDict({
+        "coordinator_address": "",   # "host:port" of process 0, "auto" = the cluster's own, "" = one process
+        "num_processes": 0,          # 0 = from the environment
+        "process_id": -1,            # -1 = from the environment
+        "timeout_seconds": 300,      # how long to wait for every process to join
+    })
     return config
 
 
@@ -106,6 +117,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(0 <= config.momentum < 1, f"momentum must lie in [0, 1), got {config.momentum}")
     require(config.seed >= 0, f"seed must be non-negative, got {config.seed}")
     require(config.num_seeds >= 1, f"num_seeds must be at least 1, got {config.num_seeds}")
+    require(config.anchor_scope in sharding.ANCHOR_SCOPES,
+            f"anchor_scope must be one of {', '.join(sharding.ANCHOR_SCOPES)}, got '{config.anchor_scope}'")
+    group = config.distributed
+    require(group.num_processes >= 0, f"distributed.num_processes must be non-negative, got {group.num_processes}")
+    require(group.process_id >= -1, f"distributed.process_id must be -1 (from the environment) or a process "
+                                    f"number, got {group.process_id}")
+    require(group.num_processes == 0 or group.process_id < group.num_processes,
+            f"distributed.process_id {group.process_id} is not below num_processes {group.num_processes}")
+    require(group.timeout_seconds >= 1, f"distributed.timeout_seconds must be at least 1, got {group.timeout_seconds}")
     require(config.train_limit >= 0, f"train_limit must be non-negative (0 = all), got {config.train_limit}")
     require(config.test_limit >= 0, f"test_limit must be non-negative (0 = all), got {config.test_limit}")
 

@@ -26,7 +26,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from oat_jax import data  # noqa: E402
+from oat_jax import data, distributed  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
 from oat_jax.sharding import ShardingError  # noqa: E402
 from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
@@ -115,12 +115,15 @@ def main(argv):
     started = time.perf_counter()
     try:
         summary = train_and_evaluate(config, workdir)
-    except (data.DatasetError, ShardingError, WeightsError, WorkdirMismatch) as e:
+    except (data.DatasetError, distributed.DistributedError, ShardingError, WeightsError, WorkdirMismatch) as e:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command to resume from the last finished epoch", code=130)
+    if not distributed.is_primary():  # process 0 prints the results and writes the files
+        print(f"process {distributed.process_index()} of {distributed.process_count()} finished")
+        return
     print(format_summary(summary))
     print(f"wall time {time.perf_counter() - started:.1f} s; outputs in {workdir}")
 

@@ -7,36 +7,47 @@ import statistics
 
 
 class MetricsLog:
-    """Append-only JSON lines, cut back on resume to the epochs that have a checkpoint."""
+    """Append-only JSON lines, cut back on resume to the epochs that have a checkpoint. With ``write=False``
+    (the other processes of a run over several) the same records are kept in memory only."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, write: bool = True):
         self.path = path
+        self.write = write
+        self._records = read_records(path)
 
     def records(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        records = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a kill; its epoch is redone
-                    break
-        return records
+        return list(self._records)
 
     def keep_only(self, last_epoch_of_arm: dict[str, int]) -> None:
         """Drops lines of epochs after each arm's last checkpoint: those epochs will be trained again."""
-        kept = [r for r in self.records() if r["epoch"] <= last_epoch_of_arm.get(r["arm"], 0)]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        self._records = [r for r in self._records if r["epoch"] <= last_epoch_of_arm.get(r["arm"], 0)]
+        if self.write:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self._records)
+            os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._records.append(record)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def read_records(path: str) -> list[dict]:
+    """The lines of a metrics.jsonl file ([] when there is none)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill; its epoch is redone
+                break
+    return records
 
 
 def _arm_summary(history: list[dict]) -> dict:

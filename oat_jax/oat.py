@@ -7,6 +7,9 @@ For a batch of raw model outputs ``z`` (B, C) and integer labels ``y`` (B,):
 * loss: mean squared error between ``z`` and ``t`` (eq. 3);
 * decoding: scores ``a_test * (z + 1)`` with the anchor of the test batch itself (eq. 4).
 
+``grouped_oat_loss`` is the loss with each of G equal groups of the batch regressed against its own anchor:
+the per-device anchor of a data-parallel loop.
+
 Two variants of the anchor exist and both are supported:
 
 * ``"released"`` (the default), as in the authors' released PyTorch code: ``softmax(mean_b softmax(z_b))``.
@@ -127,6 +130,32 @@ def oat_loss(outputs: jax.Array, labels: jax.Array, *, num_classes: int | None =
     targets = oat_targets(labels, anchor, num_classes)
     per_row = jnp.mean(jnp.square(outputs - targets), axis=-1)
     return _masked_row_mean(per_row, where)
+
+
+def grouped_oat_loss(outputs: jax.Array, labels: jax.Array, where: jax.Array | None = None, *, groups: int,
+                     variant: str = "released", anchor_gradient: bool | None = None) -> jax.Array:
+    """The OAT loss with the batch split into ``groups`` equal consecutive groups, each with the anchor of its
+    own real rows: every real row's squared error against its group's targets, averaged over all real rows.
+
+    On a batch sharded over that many devices, each group is one device's slice: the per-device anchor of a
+    data-parallel run (no anchor crosses devices). ``groups=1`` is ``oat_loss``, the anchor of the whole
+    batch. A group without real rows adds nothing. ``groups`` must divide the batch size B.
+    """
+    batch = outputs.shape[0]
+    if groups < 1 or batch % groups:
+        raise ValueError(f"groups={groups} does not split a batch of {batch} into equal groups")
+    where = jnp.ones((batch,), bool) if where is None else jnp.asarray(where, dtype=bool)
+    if groups == 1:
+        return oat_loss(outputs, labels, variant=variant, anchor_gradient=anchor_gradient, where=where)
+
+    def summed(group_outputs, group_labels, group_mask):  # the group's mean times its real rows
+        return oat_loss(group_outputs, group_labels, variant=variant, anchor_gradient=anchor_gradient,
+                        where=group_mask) * jnp.sum(group_mask)
+
+    def split(x):
+        return x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+
+    return jnp.sum(jax.vmap(summed)(split(outputs), split(labels), split(where))) / jnp.maximum(jnp.sum(where), 1)
 
 
 def decode(outputs: jax.Array, anchor: jax.Array) -> jax.Array:

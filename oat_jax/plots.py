@@ -23,7 +23,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
-from oat_jax.metrics_log import MetricsLog
+from oat_jax.metrics_log import read_records
 from oat_jax.report import ReportError, read_workdir_json
 
 COLOURS = {"pretrain": "0.3", "ce": "tab:blue", "oat": "tab:orange"}
@@ -93,7 +93,7 @@ def load_run(workdir: str) -> Run:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise ReportError(f"{path} is missing: is {workdir} an oat_jax workdir of a started run?")
-    records = MetricsLog(path).records()
+    records = read_records(path)
     if not records:
         raise ReportError(f"{path} holds no finished epoch yet")
     return Run(workdir, config, records)

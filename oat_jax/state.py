@@ -70,7 +70,7 @@ def create_train_state(model, image_shape, config, seed: int, pretrained: str = 
                               has_batch_stats="batch_stats" in variables)
     # Typed and placed on the device like a restored checkpoint's arrays: a Python int step or uncommitted
     # arrays would make the jitted steps compile a second time after every restore.
-    return jax.device_put(state.replace(step=jnp.asarray(0, jnp.int32)), jax.devices()[0])
+    return jax.device_put(state.replace(step=jnp.asarray(0, jnp.int32)), jax.local_devices()[0])
 
 
 def create_replicas(model, image_shape, config, pretrained: str = "") -> TrainState:

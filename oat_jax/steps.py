@@ -15,7 +15,7 @@ import optax
 
 from oat_jax import oat
 
-_TRAIN_STATIC = ("objective", "variant", "anchor_gradient")
+_TRAIN_STATIC = ("objective", "variant", "anchor_gradient", "anchor_groups")
 
 
 def _over_replicas(fn):
@@ -63,13 +63,14 @@ def _forward_train(state, params, images, mean, std):
     return outputs, updates.get("batch_stats", state.batch_stats)
 
 
-def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient):
+def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient, anchor_groups=1):
     def loss_fn(params):
         outputs, batch_stats = _forward_train(state, params, images, mean, std)
         if objective == "ce":
             loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels), mask)
         else:
-            loss = oat.oat_loss(outputs, labels, variant=variant, anchor_gradient=anchor_gradient, where=mask)
+            loss = oat.grouped_oat_loss(outputs, labels, mask, groups=anchor_groups, variant=variant,
+                                    anchor_gradient=anchor_gradient)
         return loss, (oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask), batch_stats)
 
     (loss, (anchor, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -78,43 +79,50 @@ def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor
 
 @functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
 def train_step(state, images, labels, mask, mean, std, *, objective: str, variant: str = "released",
-               anchor_gradient: bool | None = None):
+               anchor_gradient: bool | None = None, anchor_groups: int = 1):
     """One SGD step on a batch (B, H, W, C) uint8 with labels (B,) and mask (B,) of real rows.
-    ``objective`` is "ce" (cross-entropy) or "oat".
+    ``objective`` is "ce" (cross-entropy) or "oat"; ``anchor_groups`` > 1 gives each of that many equal
+    groups of the batch its own anchor (``grouped_oat_loss``).
 
     Returns the new state, the batch loss, and the batch's anchor (C,), computed inside the step from the
     batch's own outputs (for "ce" only as telemetry).
     """
-    return _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient)
+    return _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient, anchor_groups)
 
 
 @functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
 def train_step_replicas(states, images, labels, masks, mean, std, *, objective: str, variant: str = "released",
-                        anchor_gradient: bool | None = None):
+                        anchor_gradient: bool | None = None, anchor_groups: int = 1):
     """``train_step`` for K replicas at once: states and batches carry a leading axis K
     (images (K, B, H, W, C), labels and masks (K, B)); returns losses (K,) and anchors (K, C)."""
     step = functools.partial(_sgd_step, mean=mean, std=std, objective=objective, variant=variant,
-                             anchor_gradient=anchor_gradient)
+                             anchor_gradient=anchor_gradient, anchor_groups=anchor_groups)
     return _over_replicas(step)(states, images, labels, masks)
 
 
-@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC + ("batch_size",), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC + ("batch_size", "batch_sharding"), donate_argnums=0)
 def train_epoch_fused(states, images, labels, orders, num_real, mean, std, *, objective: str, batch_size: int,
-                      variant: str = "released", anchor_gradient: bool | None = None):
+                      variant: str = "released", anchor_gradient: bool | None = None, anchor_groups: int = 1,
+                      batch_sharding=None):
     """A whole epoch of K replicas as one compiled loop over device-resident data (N, H, W, C) / (N,).
 
     ``orders`` (K, S·B) holds each replica's sample order padded to S whole batches; positions >= num_real
-    are masked. The same steps as ``train_step_replicas``, without one dispatch per step. Returns the states
-    and per-step losses (S, K), anchors (S, K, C) and real-row counts (S, K).
+    are masked. The same steps as ``train_step_replicas``, without one dispatch per step. With the data
+    replicated on several devices, ``batch_sharding`` (``sharding.batch_sharding``) makes each device gather
+    and train on its own slice of every batch. Returns the states and per-step losses (S, K), anchors
+    (S, K, C) and real-row counts (S, K).
     """
     step = functools.partial(_sgd_step, mean=mean, std=std, objective=objective, variant=variant,
-                             anchor_gradient=anchor_gradient)
+                             anchor_gradient=anchor_gradient, anchor_groups=anchor_groups)
+
+    def split(batch):  # without it XLA would run the whole batch on every device
+        return batch if batch_sharding is None else jax.lax.with_sharding_constraint(batch, batch_sharding)
 
     def body(states, batch):
         index = jax.lax.dynamic_slice_in_dim(orders, batch * batch_size, batch_size, axis=1)  # (K, B)
         mask = batch * batch_size + jnp.arange(batch_size) < num_real
-        masks = jnp.broadcast_to(mask, index.shape)
-        states, losses, anchors = _over_replicas(step)(states, images[index], labels[index], masks)
+        masks = split(jnp.broadcast_to(mask, index.shape))
+        states, losses, anchors = _over_replicas(step)(states, split(images[index]), split(labels[index]), masks)
         return states, (losses, anchors, jnp.sum(masks, axis=1))
 
     return jax.lax.scan(body, states, jnp.arange(orders.shape[1] // batch_size))

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from oat_jax import data, input_pipeline, oat, sharding, steps
+from oat_jax import data, distributed, input_pipeline, oat, sharding, steps
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
@@ -28,7 +28,11 @@ from oat_jax.metrics_log import MetricsLog, summarise, write_json
 _SAMPLED_STEPS = 5
 
 # Fields that may differ between a run and its resumption without changing its results.
-_COSMETIC_FIELDS = ("progress",)
+_COSMETIC_FIELDS = ("progress", "distributed")
+
+# With several processes, how many steps apart they agree on whether to stop (each agreement waits for the
+# devices, so not at every step).
+_STOP_CHECK_STEPS = 10
 
 
 _STOP = threading.Event()
@@ -44,8 +48,13 @@ def stop_requested() -> bool:
     return _STOP.is_set()
 
 
+def _stop_agreed() -> bool:
+    """Whether any process was asked to stop; the same answer on all of them."""
+    return distributed.any_process(_STOP.is_set())
+
+
 def _stop_if_requested() -> None:
-    if _STOP.is_set():
+    if _stop_agreed():
         raise KeyboardInterrupt
 
 
@@ -96,7 +105,7 @@ def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes
                                        decodes=decodes)
               for images, labels, masks in _replica_batches(dataset.test_images, dataset.test_labels, orders,
                                                             config.eval_batch_size)]
-    counts = jax.device_get(counts)
+    counts = sharding.to_host(counts)
     total = len(dataset.test_labels)
     accuracies, shares = {}, {}
     for name in decodes:
@@ -165,9 +174,11 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
     if on_device is not None:
         padding = count * config.batch_size - len(orders[0])
         padded = np.stack([np.concatenate([order, np.full(padding, order[0])]) for order in orders])
+        mesh = sharding.data_mesh()
         states, (losses, anchors, weights) = steps.train_epoch_fused(
             states, *on_device, padded.astype(np.int32), len(orders[0]), mean, std, objective=objective,
-            batch_size=config.batch_size, variant=config.variant, anchor_gradient=config.anchor_gradient)
+            batch_size=config.batch_size, variant=config.variant, anchor_gradient=config.anchor_gradient,
+            anchor_groups=sharding.anchor_groups(config, mesh), batch_sharding=sharding.batch_sharding(mesh))
         shape = (len(seeds), count, config.batch_size)
         labels = np.swapaxes(dataset.train_labels[padded].reshape(shape), 0, 1)  # (S, K, B)
         real = np.arange(count * config.batch_size).reshape(count, 1, config.batch_size) < len(orders[0])
@@ -179,28 +190,31 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
             records = {name: list(saved[name]) for name in _RECORD_NAMES}
         losses, anchors, weights, labels_seen, masks_seen = (records[name] for name in _RECORD_NAMES)
         progress = tqdm(total=count, initial=done, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
-                        disable=None if config.progress else True, file=sys.stderr)
+                        disable=None if config.progress and distributed.is_primary() else True, file=sys.stderr)
+        groups = sharding.anchor_groups(config, sharding.data_mesh())
+        check_every = 1 if jax.process_count() == 1 else _STOP_CHECK_STEPS
         remaining = [order[done * config.batch_size:] for order in orders]
         for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, remaining,
                                                       config.batch_size):
             states, loss, anchor = steps.train_step_replicas(states, images, labels, masks, mean, std,
                                                              objective=objective, variant=config.variant,
-                                                             anchor_gradient=config.anchor_gradient)
+                                                             anchor_gradient=config.anchor_gradient,
+                                                             anchor_groups=groups)
             losses.append(loss)
             anchors.append(anchor)
             weights.append(masks.sum(axis=1))
             labels_seen.append(labels)
             masks_seen.append(masks)
             progress.update()
-            if _STOP.is_set() and len(losses) < count:
+            if len(losses) < count and (len(losses) - done) % check_every == 0 and _stop_agreed():
                 progress.close()
-                raise EpochStopped((len(losses), states, {name: np.stack(jax.device_get(records[name]))
+                raise EpochStopped((len(losses), states, {name: np.stack(sharding.to_host(records[name]))
                                                           for name in _RECORD_NAMES}))
         progress.close()
-        losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(weights)
-        labels, masks = np.stack(labels_seen), np.stack(masks_seen)
-    losses = np.asarray(jax.device_get(losses), dtype=np.float64)  # (steps, K)
-    anchors = np.asarray(jax.device_get(anchors), dtype=np.float64)  # (steps, K, C)
+        losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(sharding.to_host(weights))
+        labels, masks = np.stack(sharding.to_host(labels_seen)), np.stack(sharding.to_host(masks_seen))
+    losses = np.asarray(sharding.to_host(losses), dtype=np.float64)  # (steps, K)
+    anchors = np.asarray(sharding.to_host(anchors), dtype=np.float64)  # (steps, K, C)
     bad = np.argwhere(~np.isfinite(losses) | ~np.isfinite(anchors).all(axis=-1))
     if bad.size:
         step, replica = bad[0]
@@ -210,7 +224,7 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
             + f" has a non-finite loss or anchor (loss {losses[step, replica]}, anchor entries "
             f"{np.round(anchors[step, replica, :4], 6).tolist()}...); {_divergence_hint(objective, config)}. "
             "The last good checkpoint is kept.")
-    weights = np.asarray(jax.device_get(weights), dtype=np.float64)  # (steps, K)
+    weights = np.asarray(sharding.to_host(weights), dtype=np.float64)  # (steps, K)
     mean_losses = np.sum(losses * weights, axis=0) / np.sum(weights, axis=0)
     mean_anchors = np.einsum("sk,skc->kc", weights, anchors) / np.sum(weights, axis=0)[:, None]
     sampled = np.unique(np.linspace(0, count - 1, min(count, _SAMPLED_STEPS)).round().astype(int))
@@ -223,7 +237,8 @@ def arms_of(method: str) -> list[str]:
 
 
 def _check_workdir_config(workdir, config):
-    """Refuses a workdir holding a run made with another config; records the config for a fresh run."""
+    """Refuses a workdir holding a run made with another config; records the config for a fresh run (process
+    0 does, the others compare with what it wrote)."""
     path = os.path.join(workdir, "config.json")
     current = {k: v for k, v in config.to_dict().items() if k not in _COSMETIC_FIELDS}
     if os.path.exists(path):
@@ -235,7 +250,8 @@ def _check_workdir_config(workdir, config):
                 f"workdir {workdir} holds a run with a different config (fields: {', '.join(changed)}); "
                 f"rerun with the same config to resume it, or pass a new --workdir to start fresh")
         return
-    write_json(path, current)
+    if distributed.is_primary():
+        write_json(path, current)
 
 
 def _epoch_record(arm, epoch, seed, objective, result: EpochResult, k, accuracy, share, seconds) -> dict:
@@ -279,13 +295,15 @@ def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch,
             log.append(record)
         checkpoints.save(epoch, states)
         partials.clear()  # the epoch is complete: its part-way state is stale
-        for record in records:
-            report(record)
+        if distributed.is_primary():
+            for record in records:
+                report(record)
     return states
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    if distributed.is_primary():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _resume_points(managers, template, config, arms) -> dict:
@@ -314,19 +332,24 @@ def _print_epoch(record):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
     """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json)."""
     _STOP.clear()  # a stop asked of an earlier run in this process does not carry over
-    sharding.check_batch_sizes(config, sharding.data_mesh())
+    distributed.initialize(config)  # several processes: before anything runs on a device
+    mesh = sharding.data_mesh()
+    sharding.check_batch_sizes(config, mesh)
     pretrained = state_lib.pretrained_path(config)  # a missing weights file is reported before anything is written
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(workdir, config)
+    distributed.barrier("oat_jax:workdir-checked")
     dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
                                 image_size=config.image_size)
     model = cached_model(config.model, dataset.num_classes, config.dropout_rate)
     mean, std = normalisation_statistics(config, dataset)
     template = create_replicas(model, dataset.train_images.shape[1:], config, pretrained)
-    on_device = jax.device_put((dataset.train_images, dataset.train_labels)) if config.fused_epoch else None
+    # A fused epoch gathers its batches on the devices: every device holds the whole training set.
+    on_device = (sharding.place_states((dataset.train_images, dataset.train_labels), mesh) if config.fused_epoch
+                 else None)
     arms = arms_of(config.method)
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in ["pretrain"] + arms}
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), write=distributed.is_primary())
     try:
         points = _resume_points(managers, template, config, arms)
         # Metrics of epochs past the checkpoints (an epoch logged but not saved, a damaged checkpoint) are redone.
@@ -357,5 +380,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
     summary = summarise(log.records(), arms, config.paper.to_dict())
     summary["dataset"] = {"name": dataset.name, "source": dataset.source, "train_samples": len(dataset.train_labels),
                           "test_samples": len(dataset.test_labels)}
-    write_json(os.path.join(workdir, "summary.json"), summary)
+    if distributed.is_primary():
+        write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

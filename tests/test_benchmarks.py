@@ -1,5 +1,6 @@
 """The benchmark commands run, and emit the figures the README table is built from (not their speed)."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -9,9 +10,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _run(module, *args):
+def _run(module, *args, env=None):
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -19,7 +20,7 @@ def _run(module, *args):
 def test_step_time_reports_both_arms_and_ratios(tmp_path):
     out = tmp_path / "step.json"
     printed = json.loads(_run("benchmarks.step_time", "--steps", "3", "--repeats", "2", "--image-shape", "20,20,2",
-                              "--out", str(out)).stdout)
+                              "--seeds", "1,2", "--out", str(out)).stdout)
     assert json.loads(out.read_text()) == printed
     for table in ("train_ms", "eval_ms"):
         for arm in ("ce", "oat"):
@@ -53,3 +54,24 @@ def test_readme_performance_section_matches_the_result_files():
     result = subprocess.run([sys.executable, "-m", "benchmarks.readme_table", "--check"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_scaling_times_each_arm_on_each_device_count(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    printed = json.loads(_run("benchmarks.scaling", "--steps", "2", "--repeats", "2", "--image-shape", "16,16,1",
+                              "--per-device-batch", "4", env=env).stdout)
+    assert printed["setup"]["devices"] == [1, 2] and printed["environment"]["device_count"] == 2
+    one, two = printed["by_devices"]["1"], printed["by_devices"]["2"]
+    assert (one["global_batch"], two["global_batch"]) == (4, 8)
+    for name in ("ce", "oat", "oat_device_anchor"):
+        assert one["efficiency"][name] == 1.0
+        assert two["samples_per_s"][name] == pytest.approx(1e3 * 8 / two["train_ms"][name]["median"])
+        assert two["efficiency"][name] == pytest.approx(two["samples_per_s"][name] / (2 * one["samples_per_s"][name]))
+    assert two["oat_over_ce"] == pytest.approx(two["train_ms"]["oat"]["median"] / two["train_ms"]["ce"]["median"])
+
+
+def test_scaling_refuses_more_devices_than_there_are():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--devices", "1,3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 2
+    assert "--devices must lie in 1..1 (the devices JAX sees), got [1, 3]" in result.stderr

@@ -40,6 +40,7 @@ from oat_jax.oat import (
     anchor_statistics,
     batch_anchor,
     decode,
+    grouped_oat_loss,
     oat_loss,
     oat_targets,
     predict,
@@ -920,3 +921,52 @@ def test_jit_compatible(variant):
     np.testing.assert_array_equal(np.asarray(pred_j(zj, variant=variant, where=mj))[mask],
                                   ref_predict(zp, variant, where=mask)[mask])
     close(np.asarray(targets_j(yj, a, 5))[mask], ref_targets(yp[mask], a_ref, 5), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# the per-device anchor: the batch in groups, each with its own anchor
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("anchor_gradient", [False, True])
+def test_grouped_loss_and_gradient_against_the_reference_per_group(variant, anchor_gradient):
+    """4 groups of 4 rows: one full, one with a padded row, one with a single real row, one all padding.
+    The loss is the real rows' mean of their group's squared errors: sum_g n_g * ref_loss(group g) / N, and
+    the gradient of group g's rows is n_g / N times the reference gradient of that group's own loss."""
+    z, y = make_batch(41, 16, 5)
+    where = np.ones(16, bool)
+    where[[7, 9, 10, 11, 12, 13, 14, 15]] = False
+    z[~where] = 1e3  # padding's values must not matter
+    groups = [slice(4 * g, 4 * g + 4) for g in range(4)]
+    counts = [int(where[g].sum()) for g in groups]
+    assert counts == [4, 3, 1, 0]
+    total = sum(counts)
+    expected_loss = sum(n * ref_loss(z[g], y[g], variant, where=where[g]) for g, n in zip(groups, counts) if n) / total
+    expected_grad = np.zeros(z.shape)
+    for g, n in zip(groups, counts):
+        if n:
+            expected_grad[g] = n / total * ref_grad(z[g], y[g], variant, anchor_gradient, where=where[g])
+
+    def loss(outputs):
+        return grouped_oat_loss(outputs, y, where, groups=4, variant=variant, anchor_gradient=anchor_gradient)
+
+    value, gradient = jax.value_and_grad(loss)(jnp.asarray(z))
+    close(value, expected_loss, rtol=1e-5)
+    grad_close(gradient, expected_grad)
+    # Not the loss with the anchor of the whole batch.
+    assert abs(float(value) - ref_loss(z, y, variant, where=where)) > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_group_is_the_loss_of_the_whole_batch(variant):
+    z, y = make_batch(43, 8, 6)
+    close(grouped_oat_loss(z, y, groups=1, variant=variant), oat_loss(z, y, variant=variant), rtol=1e-6)
+    close(grouped_oat_loss(z, y, groups=8, variant=variant),
+          np.mean([ref_loss(z[i:i + 1], y[i:i + 1], variant) for i in range(8)]), rtol=1e-5)
+
+
+def test_groups_that_do_not_split_the_batch_are_refused():
+    z, y = make_batch(44, 6, 3)
+    with pytest.raises(ValueError, match="groups=4 does not split a batch of 6"):
+        grouped_oat_loss(z, y, groups=4)

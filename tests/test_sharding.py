@@ -1,9 +1,13 @@
-"""Data parallelism over several devices (4 and 8 CPU devices forced through XLA_FLAGS, in subprocesses):
-the same accuracies (to one test sample) and, within float tolerance, the same parameters as one device,
-since the anchor stays the centre of the global batch; and checkpoints saved across devices restore onto one."""
+"""Data parallelism over several devices (4 and 8 CPU devices forced through XLA_FLAGS, in subprocesses) and
+over two processes of two devices joined through jax.distributed on loopback. Against one device (this
+process): the same accuracies to one test sample and the same parameters and BatchNorm statistics within
+float tolerance, since the anchor stays the centre of the global batch; the same evaluation with padded and
+unsplittable test batches; the fused epoch too. The per-device anchor option; and checkpoints saved across
+devices or processes, restored onto one device."""
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -11,67 +15,140 @@ import jax
 import numpy as np
 import pytest
 
-from oat_jax import train
+import sharded_run
+from conftest import STANDIN_MODEL
+from oat_jax import sharding, train
 from oat_jax.checkpoints import ArmCheckpoints
 
 TESTS = pathlib.Path(__file__).resolve().parent
-SCRIPT = """
-import json, sys
-sys.path.insert(0, {tests!r})
-import conftest  # registers the synthetic dataset
-import jax
-from oat_jax import train
-from oat_jax.config_schema import base_config
-config = base_config()
-config.update(dict(dataset=conftest.SYNTHETIC, num_epochs=2, pretrain_epochs=1, batch_size=16, eval_batch_size=16,
-                   learning_rate=0.01, progress=False, shuffle_eval=False))
-config.update(json.loads(sys.argv[2]))
-try:
-    summary = train.train_and_evaluate(config, sys.argv[1], report=lambda record: None)
-except Exception as error:
-    print(json.dumps({{"error": f"{{type(error).__name__}}: {{error}}"}}))
-    sys.exit(0)
-print(json.dumps({{"devices": jax.device_count(), "summary": summary}}))
-"""
+
+
+def _command(workdir, overrides, *extra):
+    return [sys.executable, str(TESTS / "sharded_run.py"), str(workdir), json.dumps(overrides), *map(str, extra)]
+
+
+def _environment(devices, **extra):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                **extra)
+
+
+def _result(returncode, stdout, stderr):
+    assert returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _run(workdir, devices, **overrides):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(TESTS)), str(workdir),
-                             json.dumps(overrides)], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    result = subprocess.run(_command(workdir, overrides), capture_output=True, text=True, timeout=600,
+                            env=_environment(devices))
+    return _result(result.returncode, result.stdout, result.stderr)
 
 
-def _final_params(workdir):
-    template = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1),
-                                     _config_like_the_script())
-    manager = ArmCheckpoints(str(workdir), "oat")
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_two_processes(workdir, devices_each, extra=((), ()), **overrides):
+    """The same run as two processes of ``devices_each`` devices, joined through jax.distributed on loopback
+    (coordinator, count and id from the environment); ``extra`` = each one's further arguments."""
+    port = _free_port()
+    processes = []
+    for rank in range(2):
+        env = _environment(devices_each, OAT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OAT_NUM_PROCESSES="2",
+                           OAT_PROCESS_ID=str(rank))
+        processes.append(subprocess.Popen(_command(workdir, overrides, *extra[rank]), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=env))
+    outputs = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=600)
+        finally:
+            for other in processes:
+                if other.poll() is None and process.returncode != 0:
+                    other.kill()
+        outputs.append(_result(process.returncode, stdout, stderr))
+    return outputs
+
+
+def _final_params(workdir, arm="oat"):
+    config = sharded_run.config_of({})
+    template = train.create_replicas(train.cached_model(STANDIN_MODEL, 4, 0.2), (16, 16, 1), config)
+    manager = ArmCheckpoints(str(workdir), arm)
     state = manager.restore(manager.latest_epoch(), template)  # saved across devices, restored onto one
     manager.close()
-    return jax.device_get(state.params)
+    return jax.device_get((state.params, state.batch_stats))
 
 
-def _config_like_the_script():
-    from conftest import SYNTHETIC
-    from oat_jax.config_schema import base_config
-    config = base_config()
-    config.update(dict(dataset=SYNTHETIC, learning_rate=0.01))
-    return config
+def _assert_same_training(run, reference, workdir, reference_workdir):
+    one_sample = 100 / 75 + 1e-9
+    for arm in ("ce", "oat"):
+        assert run["summary"]["arms"][arm]["final_test_accuracy"] == pytest.approx(
+            reference["summary"]["arms"][arm]["final_test_accuracy"], abs=one_sample)
+        for a, b in zip(jax.tree.leaves(_final_params(reference_workdir, arm)),
+                        jax.tree.leaves(_final_params(workdir, arm))):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_several_devices_train_what_one_device_trains(tmp_path):
-    one = _run(tmp_path / "one", 1)
+def _assert_same_evaluations(run, reference):
+    for size in map(str, sharded_run.EVAL_BATCH_SIZES):
+        for decode in ("ce", "oat"):
+            assert run["evaluations"][size]["accuracy"][decode] == pytest.approx(
+                reference["evaluations"][size]["accuracy"][decode], abs=100 / 75 + 1e-9)
+            np.testing.assert_allclose(run["evaluations"][size]["share"][decode],
+                                       reference["evaluations"][size]["share"][decode], atol=1 / 75 + 1e-9)
+
+
+def test_four_and_eight_devices_train_and_evaluate_what_one_device_does(tmp_path):
+    one = sharded_run.run(str(tmp_path / "one"), {})
     assert one["devices"] == 1
-    reference = jax.tree.leaves(_final_params(tmp_path / "one"))
+    assert one["evaluations"]["16"]["accuracy"]["ce"][0] < 90  # not a comparison of two perfect scores
     for devices in (4, 8):
         many = _run(tmp_path / str(devices), devices)
         assert many["devices"] == devices
-        for arm in ("ce", "oat"):
-            assert many["summary"]["arms"][arm]["final_test_accuracy"] == pytest.approx(
-                one["summary"]["arms"][arm]["final_test_accuracy"], abs=100 / 75 + 1e-9)  # one test sample at most
-        for a, b in zip(reference, jax.tree.leaves(_final_params(tmp_path / str(devices)))):
-            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+        _assert_same_training(many, one, tmp_path / str(devices), tmp_path / "one")
+        _assert_same_evaluations(many, one)
+
+
+def test_the_fused_epoch_splits_each_batch_over_the_devices_too(tmp_path):
+    one = sharded_run.run(str(tmp_path / "one"), {"fused_epoch": True})
+    four = _run(tmp_path / "four", 4, fused_epoch=True)
+    _assert_same_training(four, one, tmp_path / "four", tmp_path / "one")
+
+
+def test_two_processes_through_jax_distributed_train_what_one_device_trains(tmp_path):
+    one = sharded_run.run(str(tmp_path / "one"), {})
+    # A stop asked of the second process alone, 5 steps into the pre-training: both processes agree on it at
+    # step 10, save the epoch part-way and stop; the rerun finishes it as if nothing had happened.
+    stopped = _run_two_processes(tmp_path / "two", 2, extra=((), (5,)))
+    assert stopped == [{"stopped": True}] * 2
+    assert (tmp_path / "two" / "checkpoints" / "pretrain-partial").is_dir()
+    first, second = _run_two_processes(tmp_path / "two", 2)
+    assert (first["devices"], first["processes"]) == (second["devices"], second["processes"]) == (4, 2)
+    assert first["summary"] == second["summary"]
+    _assert_same_training(first, one, tmp_path / "two", tmp_path / "one")
+    _assert_same_evaluations(first, one)
+    _assert_same_evaluations(second, one)
+    # Process 0 alone wrote the record: one line per arm and epoch, as on one device.
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_the_per_device_anchor_is_each_slice_s_own(tmp_path, monkeypatch):
+    """anchor_scope="device" on 4 devices trains what one device trains with each batch cut into 4 groups,
+    each with its own anchor (forced here), and not what the global anchor trains."""
+    per_device = _run(tmp_path / "per_device", 4, anchor_scope="device")
+    sharded_run.run(str(tmp_path / "global"), {})
+    with monkeypatch.context() as patch:
+        patch.setattr(sharding, "anchor_groups", lambda config, mesh: 4)
+        sharded_run.run(str(tmp_path / "groups"), {"anchor_scope": "device"})
+    _assert_same_training(per_device, per_device, tmp_path / "groups", tmp_path / "per_device")
+    oat_differences = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "global")),
+                                                               jax.tree.leaves(_final_params(tmp_path / "per_device")))]
+    assert max(oat_differences) > 1e-3  # the option changes OAT training (10x the tolerance above) ...
+    for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "global", "ce")),  # ... and not cross-entropy's
+                    jax.tree.leaves(_final_params(tmp_path / "per_device", "ce"))):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path):
