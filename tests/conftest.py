@@ -1,10 +1,28 @@
 """Shared test fixtures: a tiny learnable synthetic dataset and a tiny stand-in network, registered under
-names only tests use."""
-import flax.linen as nn
-import numpy as np
-import pytest
+names only tests use; and one XLA compilation cache for the whole test session."""
+import os
+import shutil
+import tempfile
 
-from oat_jax import data, models
+# Many tests compile the same steps again, in this process after jax.clear_caches() and in the command
+# lines and scripts they start: one on-disk cache of compiled programs for the session (workers and their
+# subprocesses inherit it through the environment) spares most of that. Set before JAX is imported.
+_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+_CACHE = os.path.join(tempfile.gettempdir(), f"oat_jax_tests_xla_cache_{_SESSION}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import flax.linen as nn  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from oat_jax import data, models  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controlling process, once every worker is done
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 SYNTHETIC = "synthetic_quadrants_for_tests"
 
