@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from oat_jax import data, distributed, input_pipeline, oat, sharding, steps
+from oat_jax import config_schema, data, distributed, input_pipeline, oat, sharding, steps
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
@@ -244,7 +244,9 @@ def _check_workdir_config(workdir, config):
     if os.path.exists(path):
         with open(path) as f:
             saved = {k: v for k, v in json.load(f).items() if k not in _COSMETIC_FIELDS}
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        # A field the saved run predates had its default value then: only a different value is a change.
+        defaults = config_schema.base_config().to_dict()
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
         if changed:
             raise WorkdirMismatch(
                 f"workdir {workdir} holds a run with a different config (fields: {', '.join(changed)}); "

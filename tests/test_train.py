@@ -263,6 +263,20 @@ def test_a_workdir_with_another_config_is_refused(synthetic_config, tmp_path):
         _run(synthetic_config, tmp_path)
 
 
+def test_a_workdir_from_before_a_new_field_resumes_while_the_field_keeps_its_default(synthetic_config, tmp_path):
+    """A run recorded before a field existed (anchor_scope, here removed from its config.json) had that
+    field's default: the same config resumes it, a different value of the new field is refused."""
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
+    first, _ = _run(synthetic_config, tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    del recorded["anchor_scope"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert _run(synthetic_config, tmp_path)[0] == first
+    synthetic_config.anchor_scope = "device"
+    with pytest.raises(train.WorkdirMismatch, match="anchor_scope"):
+        _run(synthetic_config, tmp_path)
+
+
 def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_path):
     synthetic_config.variant = "paper"
     synthetic_config.learning_rate = 50.0
