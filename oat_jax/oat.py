@@ -144,9 +144,9 @@ def grouped_oat_loss(outputs: jax.Array, labels: jax.Array, where: jax.Array | N
     batch = outputs.shape[0]
     if groups < 1 or batch % groups:
         raise ValueError(f"groups={groups} does not split a batch of {batch} into equal groups")
-    where = jnp.ones((batch,), bool) if where is None else jnp.asarray(where, dtype=bool)
     if groups == 1:
         return oat_loss(outputs, labels, variant=variant, anchor_gradient=anchor_gradient, where=where)
+    where = jnp.ones((batch,), bool) if where is None else jnp.asarray(where, dtype=bool)
 
     def summed(group_outputs, group_labels, group_mask):  # the group's mean times its real rows
         return oat_loss(group_outputs, group_labels, variant=variant, anchor_gradient=anchor_gradient,

@@ -88,11 +88,10 @@ def normalisation_statistics(config, dataset: data.Dataset) -> tuple[np.ndarray,
 
 
 def _replica_batches(images, labels, orders, batch_size):
-    """Lockstep batches of K replicas, each in its own order: (K, B, ...) images, (K, B) labels and masks,
-    split over the devices along B where there are several."""
-    mesh = sharding.data_mesh()
+    """Lockstep batches of K replicas, each in its own order: (K, B, ...) images, (K, B) labels and masks in
+    host memory (place them with ``sharding.place_batch``)."""
     for parts in zip(*(input_pipeline.batches(images, labels, order, batch_size) for order in orders)):
-        yield sharding.place_batch(tuple(np.stack(arrays) for arrays in zip(*parts)), mesh)
+        yield tuple(np.stack(arrays) for arrays in zip(*parts))
 
 
 def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes: tuple[str, ...] = ("ce", "oat")):
@@ -101,10 +100,10 @@ def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes
     {decode: (K, C) array of fractions})."""
     orders = [input_pipeline.eval_order(len(dataset.test_labels), seed, config.shuffle_eval)
               for seed in replica_seeds(config)]
-    counts = [steps.eval_step_replicas(states, images, labels, masks, mean, std, variant=config.variant,
+    mesh = sharding.data_mesh()
+    counts = [steps.eval_step_replicas(states, *sharding.place_batch(batch, mesh), mean, std, variant=config.variant,
                                        decodes=decodes)
-              for images, labels, masks in _replica_batches(dataset.test_images, dataset.test_labels, orders,
-                                                            config.eval_batch_size)]
+              for batch in _replica_batches(dataset.test_images, dataset.test_labels, orders, config.eval_batch_size)]
     counts = sharding.to_host(counts)
     total = len(dataset.test_labels)
     accuracies, shares = {}, {}
@@ -191,12 +190,15 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
         losses, anchors, weights, labels_seen, masks_seen = (records[name] for name in _RECORD_NAMES)
         progress = tqdm(total=count, initial=done, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
                         disable=None if config.progress and distributed.is_primary() else True, file=sys.stderr)
-        groups = sharding.anchor_groups(config, sharding.data_mesh())
+        mesh = sharding.data_mesh()
+        groups = sharding.anchor_groups(config, mesh)
         check_every = 1 if jax.process_count() == 1 else _STOP_CHECK_STEPS
         remaining = [order[done * config.batch_size:] for order in orders]
         for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, remaining,
                                                       config.batch_size):
-            states, loss, anchor = steps.train_step_replicas(states, images, labels, masks, mean, std,
+            # The records below keep the host copies: no device work or transfer for them.
+            placed = sharding.place_batch((images, labels, masks), mesh)
+            states, loss, anchor = steps.train_step_replicas(states, *placed, mean, std,
                                                              objective=objective, variant=config.variant,
                                                              anchor_gradient=config.anchor_gradient,
                                                              anchor_groups=groups)
@@ -211,8 +213,8 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
                 raise EpochStopped((len(losses), states, {name: np.stack(sharding.to_host(records[name]))
                                                           for name in _RECORD_NAMES}))
         progress.close()
-        losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(sharding.to_host(weights))
-        labels, masks = np.stack(sharding.to_host(labels_seen)), np.stack(sharding.to_host(masks_seen))
+        losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(weights)
+        labels, masks = np.stack(labels_seen), np.stack(masks_seen)
     losses = np.asarray(sharding.to_host(losses), dtype=np.float64)  # (steps, K)
     anchors = np.asarray(sharding.to_host(anchors), dtype=np.float64)  # (steps, K, C)
     bad = np.argwhere(~np.isfinite(losses) | ~np.isfinite(anchors).all(axis=-1))
@@ -224,7 +226,7 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
             + f" has a non-finite loss or anchor (loss {losses[step, replica]}, anchor entries "
             f"{np.round(anchors[step, replica, :4], 6).tolist()}...); {_divergence_hint(objective, config)}. "
             "The last good checkpoint is kept.")
-    weights = np.asarray(sharding.to_host(weights), dtype=np.float64)  # (steps, K)
+    weights = np.asarray(sharding.to_host(weights), dtype=np.float64)  # (steps, K); on the device when fused
     mean_losses = np.sum(losses * weights, axis=0) / np.sum(weights, axis=0)
     mean_anchors = np.einsum("sk,skc->kc", weights, anchors) / np.sum(weights, axis=0)[:, None]
     sampled = np.unique(np.linspace(0, count - 1, min(count, _SAMPLED_STEPS)).round().astype(int))
