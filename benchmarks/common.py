@@ -22,17 +22,19 @@ def timed_repeats(run: Callable[[], None], repeats: int) -> dict[str, float]:
     return spread(seconds)
 
 
-def time_training_steps(states, step: Callable, steps_per_repeat: int, repeats: int):
+def time_training_steps(states, step: Callable, steps_per_repeat: int, repeats: int, in_flight: int = 2):
     """(first call seconds, ms per step statistics, final states) of ``step(states) -> (states, loss, ...)``
-    applied again and again; the first call compiles, ten more warm up."""
-    import jax
+    applied again and again, at most ``in_flight`` steps unfinished as in the training loop (0 = unbounded,
+    which deadlocks XLA:CPU with several devices); the first call compiles, ten more warm up."""
+    from oat_jax import dispatch
     holder = {"states": states}
 
     def run(count):
-        states, loss = holder["states"], None
+        states, pending = holder["states"], dispatch.InFlight(in_flight)
         for _ in range(count):
             states, loss, *_ = step(states)
-        jax.block_until_ready(loss)
+            pending.add(loss, lambda: "a benchmark step")
+        pending.drain()
         holder["states"] = states
 
     started = time.perf_counter()
@@ -92,6 +94,10 @@ def environment() -> dict:
 
 def emit(result: dict, out: str | None) -> None:
     """One JSON object on stdout; also written to ``out`` when given."""
+    main = sys.modules["__main__"]
+    module = getattr(getattr(main, "__spec__", None), "name", None) or os.path.basename(sys.argv[0])
+    flags = [f"XLA_FLAGS={os.environ['XLA_FLAGS']}"] if os.environ.get("XLA_FLAGS") else []
+    result.setdefault("command", " ".join([*flags, "python -m", module, *sys.argv[1:]]))
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if out:

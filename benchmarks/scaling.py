@@ -2,7 +2,8 @@
 cross-entropy against OAT with the global anchor and with the per-device anchor.
 
     python -m benchmarks.scaling [--model lightweight] [--image-shape 32,32,3] [--per-device-batch 32]
-                                 [--devices 1,2,4,8] [--steps 50] [--repeats 3] [--out benchmarks/results/FILE.json]
+                                 [--devices 1,2,4,8] [--steps 300] [--repeats 3] [--steps-in-flight 2]
+                                 [--out benchmarks/results/FILE.json]
 
 Weak scaling: each device keeps ``--per-device-batch`` samples, so the global batch grows with the device
 count. The steps are the training loop's own (``steps.train_step_replicas``) on the loop's placement
@@ -33,7 +34,10 @@ def _parse():
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--per-device-batch", type=int, default=32)
     parser.add_argument("--devices", default="", help="device counts to time (default: 1, 2, 4, ... up to all)")
-    parser.add_argument("--steps", type=int, default=50, help="steps per timed repetition")
+    parser.add_argument("--steps", type=int, default=300, help="steps per timed repetition")
+    parser.add_argument("--steps-in-flight", type=int, default=base_config().steps_in_flight,
+                        help="steps dispatched ahead of the devices, as the training loop's config field "
+                             "(0 = unbounded: deadlocks XLA:CPU with several devices)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -67,7 +71,8 @@ def _time_arm(args, model, mesh, objective, per_device_anchor):
     groups = mesh.size if per_device_anchor else 1
     first, stats, _ = common.time_training_steps(
         states, lambda states: steps.train_step_replicas(states, images, labels, masks, mean, std, objective=objective,
-                                                         anchor_groups=groups), args.steps, args.repeats)
+                                                         anchor_groups=groups), args.steps, args.repeats,
+        args.steps_in_flight)
     return first, stats
 
 
@@ -77,6 +82,7 @@ def main():
     result = {"benchmark": "scaling", "environment": common.environment(),
               "setup": {"model": args.model, "image_shape": list(args.image_shape), "num_classes": args.num_classes,
                         "per_device_batch": args.per_device_batch, "devices": args.devices, "steps": args.steps,
+                        "steps_in_flight": args.steps_in_flight,
                         "repeats": args.repeats, "scaling": "weak (the global batch grows with the devices)"},
               "by_devices": {}}
     for count in args.devices:

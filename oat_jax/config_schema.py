@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.anchor_scope = "global"   # on several devices: "global" = the anchor of the whole batch, as on one
                                      # device; "device" = each device's slice has its own (oat_jax.sharding)
     config.progress = True           # progress bar on a terminal
+    config.steps_in_flight = 2       # steps dispatched ahead of the devices (0 = unbounded; see oat_jax.dispatch)
+    config.stall_timeout_seconds = 30.0  # with several devices: end a run whose devices stop answering (0 = never)
     # The paper's figures for this experiment (table "" = the paper has none), printed beside ours and
     # used by ``python -m oat_jax.report`` to place the run in the paper's table.
     config.paper = ml_collections.ConfigDict({"table": "", "setting": "", "ce": 0.0, "oat": 0.0})
@@ -126,6 +128,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(group.num_processes == 0 or group.process_id < group.num_processes,
             f"distributed.process_id {group.process_id} is not below num_processes {group.num_processes}")
     require(group.timeout_seconds >= 1, f"distributed.timeout_seconds must be at least 1, got {group.timeout_seconds}")
+    require(config.steps_in_flight >= 0, f"steps_in_flight must be non-negative (0 = unbounded), got "
+                                         f"{config.steps_in_flight}")
+    require(config.stall_timeout_seconds >= 0, f"stall_timeout_seconds must be non-negative (0 = never), got "
+                                               f"{config.stall_timeout_seconds}")
     require(config.train_limit >= 0, f"train_limit must be non-negative (0 = all), got {config.train_limit}")
     require(config.test_limit >= 0, f"test_limit must be non-negative (0 = all), got {config.test_limit}")
 

@@ -27,6 +27,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from oat_jax import data, distributed  # noqa: E402
+from oat_jax.checkpoints import CheckpointMismatch  # noqa: E402
+from oat_jax.disk_full import WorkdirFull  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
 from oat_jax.sharding import ShardingError  # noqa: E402
 from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
@@ -115,8 +117,11 @@ def main(argv):
     started = time.perf_counter()
     try:
         summary = train_and_evaluate(config, workdir)
-    except (data.DatasetError, distributed.DistributedError, ShardingError, WeightsError, WorkdirMismatch) as e:
+    except (ConfigError, data.DatasetError, distributed.DistributedError, ShardingError, WeightsError,
+            WorkdirMismatch, CheckpointMismatch) as e:
         _fail(str(e))
+    except WorkdirFull as e:  # nothing is lost: the same command resumes once there is space
+        _fail(str(e), code=4)
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     except KeyboardInterrupt:

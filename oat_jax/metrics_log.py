@@ -5,6 +5,8 @@ import json
 import os
 import statistics
 
+from oat_jax.disk_full import writing
+
 
 class MetricsLog:
     """Append-only JSON lines, cut back on resume to the epochs that have a checkpoint. With ``write=False``
@@ -23,14 +25,14 @@ class MetricsLog:
         self._records = [r for r in self._records if r["epoch"] <= last_epoch_of_arm.get(r["arm"], 0)]
         if self.write:
             tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
+            with writing(self.path), open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self._records)
             os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
         self._records.append(record)
         if self.write:
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:  # a line cut short by a full disk is redone
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -91,7 +93,7 @@ def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
 def write_json(path: str, value: dict) -> None:
     """Writes atomically, so a reader never sees half a file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with writing(path), open(tmp, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)

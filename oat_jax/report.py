@@ -1,10 +1,12 @@
 """``python -m oat_jax.report <workdir>...``: the finished (or running) experiments' test accuracies in the
 paper's layout, a Markdown table per paper table with the paper's figures beside ours.
 
-Runs of one cell (several workdirs, or several seeds in one) are pooled: ours is the mean ± standard
-deviation of the final test accuracy over all their seeds. A run that is not the paper's protocol in full
-(a sample limit, stand-in data, unfinished epochs) is flagged in the notes column, so that it is not read
-as a result.
+Runs of one cell (several workdirs, or several seeds in one) are pooled into one row when their configs
+match apart from the seeds and cosmetic fields, and never count a seed twice: ours is the mean ± standard
+deviation of the final test accuracy over the row's seeds. A run that fits no row of its cell gets a row of
+its own, noting how it differs. A run that is not the paper's protocol in full (a sample limit, stand-in
+data, fewer or unfinished epochs) is flagged in the notes column, so that it is not read as a result. A
+folder without a readable summary.json and config.json is skipped with a note.
 """
 from __future__ import annotations
 
@@ -21,15 +23,18 @@ _OTHER = "Runs outside the paper's tables"
 
 
 class ReportError(ValueError):
-    """A workdir that cannot be reported; the message names it."""
+    """A workdir that cannot be reported; the message says why."""
 
 
 @dataclass
 class Cell:
-    """Every run of one (table, setting): the paper's figures and our per-seed final accuracies."""
+    """A row of the report: runs of one (table, setting) and one config apart from the seeds, no seed twice;
+    the paper's figures and our per-seed final accuracies."""
     table: str
     setting: str
     paper: dict | None
+    identity: dict  # the config fields that decide the results (_identity)
+    seeds: set[str] = field(default_factory=set)
     accuracies: dict[str, list[float]] = field(default_factory=lambda: {"ce": [], "oat": []})
     notes: list[str] = field(default_factory=list)
 
@@ -52,35 +57,134 @@ def _run_notes(summary: dict, config: dict) -> list[str]:
     source = summary.get("dataset", {}).get("source", "")
     if "synthetic" in source or "stand-in" in source:
         notes.append("stand-in data, not a result")
-    if config.get("train_limit") or config.get("test_limit"):
+    if config["train_limit"] or config["test_limit"]:
         dataset = summary.get("dataset", {})
         notes.append(f"subset: {dataset.get('train_samples')} train / {dataset.get('test_samples')} test")
+    epochs, pretrain_epochs = _protocol(summary.get("paper"))
+    if config["num_epochs"] < epochs:
+        notes.append(f"{config['num_epochs']} of {epochs} epochs")
+    if config["pretrain_epochs"] < pretrain_epochs and config["method"] != "ce":  # "ce" alone: no OAT to start
+        notes.append(f"{config['pretrain_epochs']} of {pretrain_epochs} pre-training epochs")
     for arm, result in summary.get("arms", {}).items():
-        if result["final_epoch"] < config.get("num_epochs", result["final_epoch"]):
+        if result["final_epoch"] < config["num_epochs"]:
             notes.append(f"{arm} at epoch {result['final_epoch']} of {config['num_epochs']}")
-    if config.get("pretrained_weights") == "" and config.get("normalisation") == "imagenet":
+    if config["pretrained_weights"] == "" and config["normalisation"] == "imagenet":
         notes.append("no pretrained weights")
     return notes
 
 
-def collect(workdirs: list[str]) -> list[Cell]:
-    """One Cell per (table, setting) found in the workdirs' summary.json and config.json."""
-    cells: dict[tuple[str, str], Cell] = {}
+def _protocol(paper: dict | None) -> tuple[int, int]:
+    """The paper's epochs and pre-training epochs for a cell: base_config()'s (Sec. 3.4), but a Table 3 cell
+    ("5 pre-training epochs") varies the pre-training."""
+    defaults = _base_config()
+    if paper and paper["table"] == "Table 3":
+        return defaults["num_epochs"], int(paper["setting"].split()[0])
+    return defaults["num_epochs"], defaults["pretrain_epochs"]
+
+
+def _base_config() -> dict:
+    from oat_jax import config_schema  # imports JAX: only when there is a run to report
+    return config_schema.base_config().to_dict()
+
+
+def _identity(config: dict) -> dict:
+    """The fields that decide a run's results: all but the seeds, the fields a run may resume with changed
+    (train.py's cosmetic ones) and the paper's figures (the cell's, already its key)."""
+    from oat_jax.train import _COSMETIC_FIELDS
+    ignored = {"seed", "num_seeds", "paper", *_COSMETIC_FIELDS}
+    return {k: v for k, v in config.items() if k not in ignored}
+
+
+@dataclass
+class Run:
+    """One workdir: its summary and config, and each arm's final test accuracy per seed."""
+    name: str
+    summary: dict
+    config: dict  # complete: a field an older run predates had its base_config() default then
+    accuracies: dict[str, dict[str, float]]
+
+    @property
+    def seeds(self) -> set[str]:
+        return {seed for per_seed in self.accuracies.values() for seed in per_seed}
+
+
+def _read_json(workdir: str, name: str) -> dict:
+    try:
+        with open(os.path.join(workdir, name)) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        why = " (an unfinished or refused run)" if name == "summary.json" else ""
+        raise ReportError(f"no {name}{why}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{name} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{name} is not a JSON object")
+    return value
+
+
+def load_run(workdir: str) -> Run:
+    """The run in ``workdir``; ReportError saying why it cannot be reported."""
+    if not os.path.isdir(workdir):
+        raise ReportError("not a folder")
+    summary, config = _read_json(workdir, "summary.json"), _read_json(workdir, "config.json")
+    try:
+        accuracies = {arm: {seed: float(per_seed["final_test_accuracy"]) for seed, per_seed in result["seeds"].items()}
+                      for arm, result in summary.get("arms", {}).items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ReportError("summary.json is not an oat_jax summary (no per-seed final accuracies)") from None
+    return Run(os.path.basename(os.path.normpath(workdir)), summary, {**_base_config(), **config}, accuracies)
+
+
+def load_runs(workdirs: list[str]) -> tuple[list[Run], list[str]]:
+    """The reportable runs, and for each other workdir a line saying why it is skipped."""
+    runs, skipped = [], []
     for workdir in workdirs:
-        finished = " of a finished run? (summary.json is written when a run ends)"
-        summary = read_workdir_json(os.path.join(workdir, "summary.json"), finished)
-        config = read_workdir_json(os.path.join(workdir, "config.json"), finished)
-        paper = summary.get("paper")
+        try:
+            runs.append(load_run(workdir))
+        except ReportError as e:
+            skipped.append(f"{workdir}: {e}")
+    return runs, skipped
+
+
+def _new_row_note(cell_rows: list[Cell], run: Run) -> str:
+    """Why a run fits none of its cell's rows: another config than the first row's, or a seed already
+    counted in each row of its own config."""
+    identity = _identity(run.config)
+    same = [row for row in cell_rows if row.identity == identity]
+    if same:
+        repeated = sorted(set.union(*(row.seeds for row in same)) & run.seeds, key=int)
+        return f"repeats seed {', '.join(repeated)}"
+    first = cell_rows[0].identity
+    changed = [f"{k}={identity.get(k)!r}" for k in sorted(set(first) | set(identity))
+               if first.get(k) != identity.get(k)]
+    return "differs: " + ", ".join(changed)
+
+
+def collect(runs: list[Run]) -> list[Cell]:
+    """The report's rows: each run joins the first row of its (table, setting) with the same config apart
+    from the seeds and none of its seeds, else starts a row of its own beneath the cell's others."""
+    rows: list[Cell] = []
+    for run in runs:
+        paper = run.summary.get("paper")
         if paper:
             key = (paper["table"], paper["setting"])
         else:
-            key = (_OTHER, f"{config.get('dataset')}, {config.get('model')}")
-        cell = cells.setdefault(key, Cell(table=key[0], setting=key[1], paper=paper))
-        for arm, result in summary.get("arms", {}).items():
-            cell.accuracies[arm] += [seed["final_test_accuracy"] for seed in result["seeds"].values()]
-        cell.notes += [f"{os.path.basename(os.path.normpath(workdir))}: {note}"
-                       for note in _run_notes(summary, config)]
-    return list(cells.values())
+            key = (_OTHER, f"{run.config['dataset']}, {run.config['model']}")
+        cell_rows = [row for row in rows if (row.table, row.setting) == key]
+        identity = _identity(run.config)
+        row = next((r for r in cell_rows if r.identity == identity and not r.seeds & run.seeds), None)
+        if row is None:
+            row = Cell(key[0], key[1], paper, identity)
+            if cell_rows:
+                row.notes.append(_new_row_note(cell_rows, run))
+                rows.insert(rows.index(cell_rows[-1]) + 1, row)
+            else:
+                rows.append(row)
+        row.seeds |= run.seeds
+        for arm, per_seed in run.accuracies.items():
+            row.accuracies.setdefault(arm, []).extend(per_seed.values())
+        row.notes += [f"{run.name}: {note}" for note in _run_notes(run.summary, run.config)]
+    return rows
 
 
 def _ours(values: list[float]) -> str:
@@ -105,9 +209,8 @@ def format_markdown(cells: list[Cell]) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for cell in (c for c in cells if c.table == table):
             paper_ce, paper_oat = (f"{cell.paper['ce']:.3f}", f"{cell.paper['oat']:.3f}") if cell.paper else ("–", "–")
-            seeds = max(len(cell.accuracies["ce"]), len(cell.accuracies["oat"]))
             lines.append(f"| {cell.setting} | {paper_ce} | {_ours(cell.accuracies['ce'])} | {paper_oat} | "
-                         f"{_ours(cell.accuracies['oat'])} | {seeds} | {'; '.join(cell.notes)} |")
+                         f"{_ours(cell.accuracies['oat'])} | {len(cell.seeds)} | {'; '.join(cell.notes)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workdirs", nargs="+", help="workdirs of python -m oat_jax.main runs")
     parser.add_argument("--out", help="also write the Markdown to this file")
     args = parser.parse_args(argv)
-    try:
-        text = format_markdown(collect(args.workdirs))
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
+    runs, skipped = load_runs(args.workdirs)
+    if not runs:  # one line, whatever the number of folders
+        print(f"error: nothing to report: {'; '.join(skipped)}", file=sys.stderr)
         return 2
+    for line in skipped:  # runs/* may hold an unfinished run: report the others
+        print(f"note: skipping {line}", file=sys.stderr)
+    text = format_markdown(collect(runs))
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:

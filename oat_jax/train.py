@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from oat_jax import config_schema, data, distributed, input_pipeline, oat, sharding, steps
+from oat_jax import config_schema, data, dispatch, distributed, input_pipeline, models, oat, sharding, steps
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
@@ -28,7 +28,7 @@ from oat_jax.metrics_log import MetricsLog, summarise, write_json
 _SAMPLED_STEPS = 5
 
 # Fields that may differ between a run and its resumption without changing its results.
-_COSMETIC_FIELDS = ("progress", "distributed")
+_COSMETIC_FIELDS = ("progress", "distributed", "steps_in_flight", "stall_timeout_seconds")
 
 # With several processes, how many steps apart they agree on whether to stop (each agreement waits for the
 # devices, so not at every step).
@@ -101,9 +101,13 @@ def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes
     orders = [input_pipeline.eval_order(len(dataset.test_labels), seed, config.shuffle_eval)
               for seed in replica_seeds(config)]
     mesh = sharding.data_mesh()
-    counts = [steps.eval_step_replicas(states, *sharding.place_batch(batch, mesh), mean, std, variant=config.variant,
-                                       decodes=decodes)
-              for batch in _replica_batches(dataset.test_images, dataset.test_labels, orders, config.eval_batch_size)]
+    in_flight, counts = dispatch.InFlight(config.steps_in_flight), []
+    batches = _replica_batches(dataset.test_images, dataset.test_labels, orders, config.eval_batch_size)
+    for number, batch in enumerate(batches, 1):
+        counts.append(steps.eval_step_replicas(states, *sharding.place_batch(batch, mesh), mean, std,
+                                               variant=config.variant, decodes=decodes))
+        in_flight.add(counts[-1], lambda number=number: f"evaluation (test batch {number})")
+    in_flight.drain()
     counts = sharding.to_host(counts)
     total = len(dataset.test_labels)
     accuracies, shares = {}, {}
@@ -193,6 +197,7 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
         mesh = sharding.data_mesh()
         groups = sharding.anchor_groups(config, mesh)
         check_every = 1 if jax.process_count() == 1 else _STOP_CHECK_STEPS
+        in_flight = dispatch.InFlight(config.steps_in_flight)
         remaining = [order[done * config.batch_size:] for order in orders]
         for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, remaining,
                                                       config.batch_size):
@@ -203,6 +208,8 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
                                                              anchor_gradient=config.anchor_gradient,
                                                              anchor_groups=groups)
             losses.append(loss)
+            in_flight.add(loss, lambda step=len(losses): f"training of arm '{arm}', epoch {epoch}, step {step} of "
+                                                         f"{count}")
             anchors.append(anchor)
             weights.append(masks.sum(axis=1))
             labels_seen.append(labels)
@@ -213,6 +220,7 @@ def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_de
                 raise EpochStopped((len(losses), states, {name: np.stack(sharding.to_host(records[name]))
                                                           for name in _RECORD_NAMES}))
         progress.close()
+        in_flight.drain()
         losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(weights)
         labels, masks = np.stack(labels_seen), np.stack(masks_seen)
     losses = np.asarray(sharding.to_host(losses), dtype=np.float64)  # (steps, K)
@@ -238,24 +246,52 @@ def arms_of(method: str) -> list[str]:
     return {"both": ["ce", "oat"], "ce": ["ce"], "oat": ["oat"]}[method]
 
 
-def _check_workdir_config(workdir, config):
-    """Refuses a workdir holding a run made with another config; records the config for a fresh run (process
-    0 does, the others compare with what it wrote)."""
+def _identity(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _COSMETIC_FIELDS}
+
+
+def _check_workdir(workdir, config) -> None:
+    """Refuses a workdir holding a run (checkpoints or metrics) made with another config; reads only."""
     path = os.path.join(workdir, "config.json")
-    current = {k: v for k, v in config.to_dict().items() if k not in _COSMETIC_FIELDS}
+    trained = any(os.path.exists(os.path.join(workdir, name)) for name in ("checkpoints", "metrics.jsonl"))
+    if not (trained and os.path.exists(path)):
+        return  # nothing trained here yet: the new config takes the folder
+    with open(path) as f:
+        saved = {k: v for k, v in json.load(f).items() if k not in _COSMETIC_FIELDS}
+    current = _identity(config)
+    # A field the saved run predates had its default value then: only a different value is a change.
+    defaults = config_schema.base_config().to_dict()
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
+    if changed:
+        raise WorkdirMismatch(
+            f"workdir {workdir} holds a run with a different config (fields: {', '.join(changed)}); "
+            f"rerun with the same config to resume it, or pass a new --workdir to start fresh")
+
+
+def _record_config(workdir, config) -> None:
+    path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            saved = {k: v for k, v in json.load(f).items() if k not in _COSMETIC_FIELDS}
-        # A field the saved run predates had its default value then: only a different value is a change.
-        defaults = config_schema.base_config().to_dict()
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
-        if changed:
-            raise WorkdirMismatch(
-                f"workdir {workdir} holds a run with a different config (fields: {', '.join(changed)}); "
-                f"rerun with the same config to resume it, or pass a new --workdir to start fresh")
-        return
-    if distributed.is_primary():
-        write_json(path, current)
+            if json.load(f) == _identity(config):
+                return  # a resumed run leaves its record as it was
+    os.makedirs(workdir, exist_ok=True)
+    write_json(path, _identity(config))
+
+
+def _check_inputs(config, dataset: data.Dataset) -> None:
+    """What the config asks of this dataset and model, checked before anything is written or built."""
+    samples = len(dataset.train_labels)
+    if config.batch_size > samples:
+        raise config_schema.ConfigError(
+            f"batch_size {config.batch_size} is larger than the training set ({samples} samples); "
+            f"use --config.batch_size={samples} or less")
+    shape = dataset.train_images.shape[1:]
+    problem = models.input_problem(config.model, dataset.num_classes, config.dropout_rate, shape)
+    if problem:
+        raise config_schema.ConfigError(
+            f"model '{config.model}' cannot take {'x'.join(map(str, shape))} images: {problem}; "
+            + ("choose another --config.image_size" if config.image_size else "set --config.image_size to a size "
+               "it takes"))
 
 
 def _epoch_record(arm, epoch, seed, objective, result: EpochResult, k, accuracy, share, seconds) -> dict:
@@ -305,6 +341,13 @@ def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch,
     return states
 
 
+def _stall_hint(config) -> str:
+    return (f"XLA:CPU's cross-device reductions can deadlock with many steps in flight: lower "
+            f"--config.steps_in_flight (now {config.steps_in_flight}), or raise --config.stall_timeout_seconds "
+            "if one step of this model takes longer; " if jax.default_backend() == "cpu" else
+            "raise --config.stall_timeout_seconds if one step of this model takes longer; ")
+
+
 def _warn(message: str) -> None:
     if distributed.is_primary():
         print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -339,12 +382,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
     distributed.initialize(config)  # several processes: before anything runs on a device
     mesh = sharding.data_mesh()
     sharding.check_batch_sizes(config, mesh)
-    pretrained = state_lib.pretrained_path(config)  # a missing weights file is reported before anything is written
-    os.makedirs(workdir, exist_ok=True)
-    _check_workdir_config(workdir, config)
-    distributed.barrier("oat_jax:workdir-checked")
+    dispatch.WATCHDOG.configure(config.stall_timeout_seconds if mesh is not None else 0, _stall_hint(config))
+    # Every check that can refuse the run comes before the first file is written.
+    pretrained = state_lib.pretrained_path(config)
+    _check_workdir(workdir, config)
     dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
                                 image_size=config.image_size)
+    _check_inputs(config, dataset)
+    distributed.barrier("oat_jax:checked")
+    if distributed.is_primary():
+        _record_config(workdir, config)
+    distributed.barrier("oat_jax:workdir-recorded")
     model = cached_model(config.model, dataset.num_classes, config.dropout_rate)
     mean, std = normalisation_statistics(config, dataset)
     template = create_replicas(model, dataset.train_images.shape[1:], config, pretrained)

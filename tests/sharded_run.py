@@ -56,9 +56,26 @@ def stop_after_steps(count: int) -> None:
     steps.train_step_replicas = counting
 
 
+def stall_after_steps(count: int) -> None:
+    """Makes the ``count``-th training step never finish, as a device that stops answering would: its loss
+    comes from a host callback that sleeps for an hour."""
+    import time
+    step, calls = steps.train_step_replicas, itertools.count(1)
+    never = jax.jit(lambda x: jax.pure_callback(lambda v: (time.sleep(3600), v)[1], x, x))
+
+    def stalling(*args, **kwargs):
+        states, loss, anchor = step(*args, **kwargs)
+        if next(calls) == count:
+            loss = never(loss)
+        return states, loss, anchor
+
+    steps.train_step_replicas = stalling
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 3:
-        stop_after_steps(int(sys.argv[3]))
+        what, _, count = sys.argv[3].rpartition(":")
+        (stall_after_steps if what == "stall" else stop_after_steps)(int(count))
     try:
         result = run(sys.argv[1], json.loads(sys.argv[2]))
     except KeyboardInterrupt:

@@ -97,7 +97,7 @@ def standin_data(tmp_path_factory):
 @pytest.mark.parametrize("stem,arg", [e for e in experiments() if _config(*e).dataset in STANDIN_COUNTS],
                          ids=lambda v: str(v))
 def test_every_experiment_runs_a_few_steps_on_standins(stem, arg, standin_data, tmp_path, monkeypatch):
-    """The config's own dataset loader, image size, normalisation, batch sizes, learning rate and
+    """The config's own dataset loader, image size, normalisation, test batch size, learning rate and
     pre-training length, through the whole two-phase loop for two epochs; the large networks (minutes a
     step on a CPU) are replaced by a tiny one with BatchNorm and dropout, without pretrained weights."""
     from conftest import STANDIN_MODEL
@@ -108,6 +108,8 @@ def test_every_experiment_runs_a_few_steps_on_standins(stem, arg, standin_data, 
         config.model, config.pretrained_weights, config.dropout_rate = STANDIN_MODEL, "", 0.5
     config.data_dir = str(standin_data / config.dataset)
     config.num_epochs, config.pretrain_epochs = 2, min(config.pretrain_epochs, 1)
+    # A training batch larger than the training set is refused: the stand-ins hold only a few samples.
+    config.batch_size = min(config.batch_size, STANDIN_COUNTS[config.dataset][0])
     config.progress = False
     validate_config(config)
     summary = train.train_and_evaluate(config, str(tmp_path / "run"), report=lambda record: None)

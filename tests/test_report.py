@@ -5,30 +5,50 @@ import numpy as np
 import pytest
 
 from oat_jax import report, train
+from oat_jax.config_schema import base_config
 from oat_jax.paper_figures import paper_cell
 
 
-def _fake_run(path, table, setting, ce, oat, *, num_epochs=100, final_epoch=100, train_limit=0):
-    """A workdir as a finished run leaves it: summary.json (per-seed final accuracies) and config.json."""
+def _config(**fields):
+    """config.json as train.py writes it: every field of base_config() but the cosmetic ones."""
+    config = {k: v for k, v in base_config().to_dict().items() if k not in train._COSMETIC_FIELDS}
+    return {**config, **fields}
+
+
+UCF101 = dict(dataset="ucf101", model="resnet18", pretrained_weights="torchvision:resnet18", image_size=224,
+              normalisation="imagenet")
+
+
+def _fake_run(path, table, setting, ce, oat, *, seed=0, final_epoch=None, config=None):
+    """A workdir as a finished run leaves it: summary.json (per-seed final accuracies, seeds seed, seed + 1,
+    ...) and config.json (by default UCF-101 with ResNet-18, the paper's protocol)."""
     path.mkdir(parents=True)
-    paper = paper_cell(table, setting).to_dict()
+    config = dict(config or _config(**UCF101), seed=seed, num_seeds=len(ce))
+    paper = paper_cell(table, setting).to_dict() if table else None
+    final_epoch = final_epoch or config.get("num_epochs", 100)
 
     def arm(values):
         return {"final_epoch": final_epoch,
-                "seeds": {str(k): {"final_test_accuracy": v, "final_epoch": final_epoch} for k, v in enumerate(values)}}
+                "seeds": {str(seed + k): {"final_test_accuracy": v, "final_epoch": final_epoch}
+                          for k, v in enumerate(values)}}
 
     summary = {"arms": {"ce": arm(ce), "oat": arm(oat)}, "paper": paper,
-               "dataset": {"name": "ucf101", "source": "a folder", "train_samples": 9537, "test_samples": 3783}}
-    config = {"dataset": "ucf101", "model": "resnet18", "num_epochs": num_epochs, "train_limit": train_limit,
-              "test_limit": 0, "pretrained_weights": "torchvision:resnet18", "normalisation": "imagenet"}
+               "dataset": {"name": config["dataset"], "source": "a folder", "train_samples": 9537,
+                           "test_samples": 3783}}
     (path / "summary.json").write_text(json.dumps(summary))
     (path / "config.json").write_text(json.dumps(config))
     return path
 
 
+def _rows(text, setting):
+    """The cells of each report row of ``setting``."""
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith(f"| {setting} |")]
+
+
 def test_cells_pool_seeds_across_workdirs_and_sit_in_the_papers_tables(tmp_path, capsys):
     a = _fake_run(tmp_path / "a", "Table 5", "UCF-101, ResNet-18", [70.0, 71.0], [73.0, 75.5])
-    b = _fake_run(tmp_path / "b", "Table 5", "UCF-101, ResNet-18", [72.5], [74.0])
+    b = _fake_run(tmp_path / "b", "Table 5", "UCF-101, ResNet-18", [72.5], [74.0], seed=2)
     c = _fake_run(tmp_path / "c", "Table 1", "learning rate 0.01", [69.5], [60.25])
     assert report.main([str(c), str(a), str(b)]) == 0
     text = capsys.readouterr().out
@@ -46,7 +66,7 @@ def test_cells_pool_seeds_across_workdirs_and_sit_in_the_papers_tables(tmp_path,
 
 def test_partial_runs_are_flagged_not_passed_off_as_results(tmp_path, capsys):
     run = _fake_run(tmp_path / "short", "Table 6", "ERA, ViT-L/16", [50.0], [51.0], final_epoch=12,
-                    train_limit=100)
+                    config=_config(**UCF101, train_limit=100))
     out = tmp_path / "report.md"
     assert report.main([str(run), "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -65,11 +85,81 @@ def test_a_real_run_is_reported(tmp_path, synthetic_config, capsys):
     assert "stand-in data, not a result" in text
 
 
-def test_a_folder_without_a_summary_is_one_clear_error(tmp_path, capsys):
+def test_runs_of_different_configs_are_rows_of_their_own_naming_the_differences(tmp_path, capsys):
+    # The issue's report: a 4-epoch full-data run and a 2-epoch 2,000-sample run, both seed 0.
+    default = _fake_run(tmp_path / "default", None, None, [80.0], [81.0],
+                        config=_config(num_epochs=4, pretrain_epochs=2))
+    fmnist = _fake_run(tmp_path / "fmnist", None, None, [60.0], [62.0],
+                       config=_config(num_epochs=2, pretrain_epochs=1, train_limit=2000))
+    assert report.main([str(default), str(fmnist)]) == 0
+    rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
+    assert [row[2:6] for row in rows] == [["80.000", "–", "81.000", "1"], ["60.000", "–", "62.000", "1"]]
+    assert "differs" not in rows[0][6]
+    assert "differs: num_epochs=2, pretrain_epochs=1, train_limit=2000" in rows[1][6]
+
+
+def test_seeds_of_one_config_pool_across_old_and_new_config_files(tmp_path, capsys):
+    # An older config.json lacks the fields added since (their defaults then) and a cosmetic field may
+    # differ; a run at another learning rate stays out of the pooled row.
+    old = {"dataset": "fashion_mnist", "model": "lightweight", "num_epochs": 100, "train_limit": 0}
+    a = _fake_run(tmp_path / "a", None, None, [70.0], [72.0], seed=0, config=old)
+    b = _fake_run(tmp_path / "b", None, None, [74.0], [73.0], seed=1, config=_config(progress=False))
+    c = _fake_run(tmp_path / "c", None, None, [10.0], [10.0], seed=2, config=_config(learning_rate=0.01))
+    assert report.main([str(a), str(b), str(c)]) == 0
+    rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
+    assert len(rows) == 2
+    assert rows[0][2] == f"{np.mean([70.0, 74.0]):.3f} ± {np.std([70.0, 74.0], ddof=1):.3f}"
+    assert rows[0][4] == f"{np.mean([72.0, 73.0]):.3f} ± {np.std([72.0, 73.0], ddof=1):.3f}"
+    assert rows[0][5] == "2" and rows[0][6] == ""
+    assert rows[1][2] == "10.000" and rows[1][6] == "differs: learning_rate=0.01"
+
+
+def test_the_same_seed_is_never_counted_twice(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a", "Table 5", "UCF-101, ResNet-18", [70.0, 71.0], [73.0, 75.0], seed=0)
+    b = _fake_run(tmp_path / "b", "Table 5", "UCF-101, ResNet-18", [72.0], [74.0], seed=1)
+    assert report.main([str(a), str(b)]) == 0
+    rows = _rows(capsys.readouterr().out, "UCF-101, ResNet-18")
+    assert [row[5] for row in rows] == ["2", "1"]
+    assert rows[0][2] == f"{np.mean([70.0, 71.0]):.3f} ± {np.std([70.0, 71.0], ddof=1):.3f}"
+    assert rows[1][2] == "72.000" and rows[1][6] == "repeats seed 1"
+
+
+def test_folders_that_cannot_be_reported_are_skipped_with_a_note(tmp_path, capsys):
+    run = _fake_run(tmp_path / "done", "Table 5", "UCF-101, ResNet-18", [70.0], [73.0])
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text(json.dumps(_config()))
+    broken = _fake_run(tmp_path / "broken", "Table 5", "UCF-101, ResNet-18", [1.0], [1.0], seed=1)
+    (broken / "config.json").write_text("{not json")
+    assert report.main([str(tmp_path / "unfinished"), str(run), str(broken)]) == 0
+    out, err = capsys.readouterr()
+    unfinished, corrupt = err.splitlines()
+    assert unfinished == f"note: skipping {tmp_path / 'unfinished'}: no summary.json (an unfinished or refused run)"
+    assert corrupt.startswith(f"note: skipping {broken}: config.json is not valid JSON (")
+    assert [row[2:6] for row in _rows(out, "UCF-101, ResNet-18")] == [["70.000", "74.253", "73.000", "1"]]
+
+
+def test_nothing_to_report_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert report.main([str(tmp_path / "empty")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "summary.json is missing" in err and "Traceback" not in err
+    assert report.main([str(tmp_path / "empty"), str(tmp_path / "typo")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: nothing to report: ") and "empty: no summary.json" in err
+    assert "typo: not a folder" in err
+
+
+def test_runs_shorter_than_the_papers_protocol_are_flagged(tmp_path, capsys):
+    quick = _fake_run(tmp_path / "quick", None, None, [80.0], [81.0],
+                      config=_config(num_epochs=4, pretrain_epochs=2))
+    # Table 3 varies the pre-training: 0 epochs is its protocol, 10 is short of the 20-epoch cell.
+    none = _fake_run(tmp_path / "none", "Table 3", "0 pre-training epochs", [72.0], [72.5],
+                     config=_config(**UCF101, pretrain_epochs=0))
+    ten = _fake_run(tmp_path / "ten", "Table 3", "20 pre-training epochs", [72.0], [73.0])
+    assert report.main([str(quick), str(none), str(ten)]) == 0
+    text = capsys.readouterr().out
+    notes = _rows(text, "fashion_mnist, lightweight")[0][6]
+    assert notes == "quick: 4 of 100 epochs; quick: 2 of 10 pre-training epochs"
+    assert _rows(text, "0 pre-training epochs")[0][6] == ""
+    assert _rows(text, "20 pre-training epochs")[0][6] == "ten: 10 of 20 pre-training epochs"
 
 
 def test_unknown_paper_cells_are_refused_with_the_known_ones():

@@ -136,13 +136,17 @@ def test_two_processes_through_jax_distributed_train_what_one_device_trains(tmp_
 
 def test_the_per_device_anchor_is_each_slice_s_own(tmp_path, monkeypatch):
     """anchor_scope="device" on 4 devices trains what one device trains with each batch cut into 4 groups,
-    each with its own anchor (forced here), and not what the global anchor trains."""
+    each with its own anchor (oat.grouped_oat_loss with groups=4, forced here), and not what the global
+    anchor trains."""
     per_device = _run(tmp_path / "per_device", 4, anchor_scope="device")
-    sharded_run.run(str(tmp_path / "global"), {})
     with monkeypatch.context() as patch:
         patch.setattr(sharding, "anchor_groups", lambda config, mesh: 4)
-        sharded_run.run(str(tmp_path / "groups"), {"anchor_scope": "device"})
-    _assert_same_training(per_device, per_device, tmp_path / "groups", tmp_path / "per_device")
+        groups = sharded_run.run(str(tmp_path / "groups"), {"anchor_scope": "device"})
+    assert groups["devices"] == 1
+    _assert_same_training(per_device, groups, tmp_path / "per_device", tmp_path / "groups")
+    # On one device the option changes nothing: one group, the global batch's anchor.
+    assert sharding.anchor_groups(sharded_run.config_of({"anchor_scope": "device"}), None) == 1
+    sharded_run.run(str(tmp_path / "global"), {})
     oat_differences = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "global")),
                                                                jax.tree.leaves(_final_params(tmp_path / "per_device")))]
     assert max(oat_differences) > 1e-3  # the option changes OAT training (10x the tolerance above) ...

@@ -1,12 +1,16 @@
 """Training loop: masked steps, evaluation of every test sample, two-phase branching and resuming."""
 import json
+import os
+import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from oat_jax import data, input_pipeline, models, oat, steps, train
+from oat_jax import config_schema, data, input_pipeline, models, oat, steps, train
 from oat_jax.checkpoints import ArmCheckpoints
 from conftest import STANDIN_MODEL
 
@@ -148,19 +152,28 @@ def test_both_arms_learn_and_branch_from_the_same_pretraining(synthetic_config, 
         assert alone["arms"][method] == summary["arms"][method]
 
 
-def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, tmp_path):
+def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, tmp_path, monkeypatch):
+    """The OAT arm starts from a zero momentum trace with reset_momentum, else from the pre-training's last."""
     synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.method = 3, 2, "oat"
-    losses = {}
+    run_phase, starting_traces = train._run_phase, {}
+
+    def recording(states, dataset, config, arm, *args):
+        if arm == "oat":  # copied before the phase's steps donate (overwrite) the state
+            starting_traces[config.reset_momentum] = jax.device_get(optax.tree_utils.tree_get(states.opt_state,
+                                                                                              "trace"))
+        return run_phase(states, dataset, config, arm, *args)
+
+    monkeypatch.setattr(train, "_run_phase", recording)
+    template = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
     for reset in (True, False):
         synthetic_config.reset_momentum = reset
-        _, records = _run(synthetic_config, tmp_path / str(reset))
-        losses[reset] = [r["train_loss"] for r in records if r["arm"] == "oat"]
-    pre = ArmCheckpoints(str(tmp_path / "True"), "pretrain")
-    template = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
-    momentum = pre.restore(2, template).opt_state
-    pre.close()
-    assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(momentum))  # there was momentum to reset
-    assert losses[True] != losses[False]
+        _run(synthetic_config, tmp_path / str(reset))
+        pre = ArmCheckpoints(str(tmp_path / str(reset)), "pretrain")
+        pretrained = jax.device_get(optax.tree_utils.tree_get(pre.restore(2, template).opt_state, "trace"))
+        pre.close()
+        assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(pretrained))  # there is momentum to reset
+        expected = jax.tree.map(np.zeros_like, pretrained) if reset else pretrained
+        jax.tree.map(np.testing.assert_array_equal, starting_traces[reset], expected)
 
 
 @pytest.mark.parametrize("model", ["lightweight", STANDIN_MODEL])
@@ -275,6 +288,48 @@ def test_a_workdir_from_before_a_new_field_resumes_while_the_field_keeps_its_def
     synthetic_config.anchor_scope = "device"
     with pytest.raises(train.WorkdirMismatch, match="anchor_scope"):
         _run(synthetic_config, tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"batch_size": 100_000}, "batch_size 100000 is larger than the training set (200 samples)"),
+    ({"model": "lightweight", "image_size": 7}, "model 'lightweight' cannot take 7x7x1 images: the lightweight "
+                                                "CNN needs images of at least 16x16 pixels"),
+])
+def test_a_refused_run_writes_nothing(synthetic_config, tmp_path, changes, message):
+    """Values the config checks cannot know (they depend on the data and the model) are refused before the
+    workdir is made; a folder holding only another run's config.json holds no run and does not stand in the way
+    (the error is the value's, not a workdir mismatch), and is left as it was."""
+    synthetic_config.update(changes)
+    with pytest.raises(config_schema.ConfigError, match=re.escape(message)):
+        train.train_and_evaluate(synthetic_config, str(tmp_path / "fresh"))
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only/config.json").write_text('{"learning_rate": 0.5}')
+    with pytest.raises(config_schema.ConfigError, match=re.escape(message)):
+        train.train_and_evaluate(synthetic_config, str(tmp_path / "config_only"))
+    assert os.listdir(tmp_path / "config_only") == ["config.json"]
+    assert (tmp_path / "config_only/config.json").read_text() == '{"learning_rate": 0.5}'
+
+
+def test_a_missing_dataset_leaves_no_workdir_and_no_temporary_folder(synthetic_config, tmp_path, monkeypatch):
+    """CIFAR-10 found nowhere (no local copy; tfds has not prepared it, and without TensorFlow cannot): one
+    error, no workdir, and nothing left in the temporary folder by tensorflow-datasets."""
+    monkeypatch.setenv("OAT_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    synthetic_config.dataset = "cifar10"
+    with pytest.raises(data.DatasetError, match="CIFAR-10 not found"):
+        train.train_and_evaluate(synthetic_config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_workdir_that_holds_only_a_config_takes_a_new_one(synthetic_config, tmp_path):
+    (tmp_path / "config.json").write_text('{"learning_rate": 0.5}')
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
+    _run(synthetic_config, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == synthetic_config.learning_rate
 
 
 def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_path):

@@ -16,6 +16,8 @@ import importlib.util
 import inspect
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,6 +29,19 @@ _FILE_FORMAT = "array_record"
 # Tried when a builder's own download URLs cannot be found: tfds' mirror of
 # prepared datasets (gs://tfds-data) and the host of many of its downloads.
 FALLBACK_HOSTS = [("storage.googleapis.com", 443)]
+
+
+@contextlib.contextmanager
+def _private_tempdir():
+    """tfds' builder makes temporary folders it never removes (DatasetInfo.initialize_from_bucket): give
+    them a folder of ours for the duration, and remove it afterwards."""
+    folder = tempfile.mkdtemp(prefix="oat_jax_tfds_")
+    saved, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_tfds(
@@ -51,7 +66,7 @@ def load_tfds(
     except ImportError as e:
         raise DatasetUnavailable(f"tensorflow-datasets is not importable ({e})") from None
 
-    with _quiet_absl():
+    with _quiet_absl(), _private_tempdir():
         try:
             builder = tfds.builder(name, data_dir=data_dir, file_format=_FILE_FORMAT)
             prepared = builder.is_prepared()

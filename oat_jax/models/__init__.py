@@ -12,6 +12,8 @@ import dataclasses
 from typing import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -61,6 +63,18 @@ def create_model(name: str, num_classes: int, dropout_rate: float = 0.0) -> nn.M
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
     return _MODELS[name](num_classes=num_classes, dropout_rate=dropout_rate)
+
+
+def input_problem(name: str, num_classes: int, dropout_rate: float, shape: tuple[int, ...]) -> str | None:
+    """Why model ``name`` cannot take images of ``shape`` (H, W, C), or None when it can: its initialisation
+    traced on abstract arrays, so nothing is computed or allocated."""
+    model = create_model(name, num_classes, dropout_rate)
+    images = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+    try:
+        jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x)[0], images)
+    except Exception as error:  # any failure to trace is the model refusing this shape
+        return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return None
 
 
 from oat_jax.models import lightweight  # noqa: E402,F401  (each import registers its models)

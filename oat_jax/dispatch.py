@@ -1,0 +1,104 @@
+"""How far the host may run ahead of the devices, and a watchdog for devices that stop answering.
+
+JAX dispatches a jitted step and returns at once, so a training loop can queue hundreds of steps. On
+XLA:CPU with several devices that deadlocks: its CPU client admits at most 32 programs in flight per device
+(a semaphore), and a launch waiting on a full semaphore holds one of the client's few launch threads. Once
+every launch thread waits on a device whose program is itself waiting in a cross-device reduction for a
+device whose launch never gets a thread, nothing moves, and after 40 s XLA aborts the process. A loop
+that keeps at most ``steps_in_flight`` steps unfinished never fills the semaphore: the host still prepares
+the next batches while the devices compute, which is all the dispatch-ahead buys.
+
+``StallWatchdog`` covers what bounding cannot rule out: while the host waits for a step, a thread checks
+that the wait ends within ``stall_timeout_seconds``; if it does not, it prints one line saying what stalled
+and ends the process (the last finished epoch's checkpoint stays, and a rerun resumes from it). A thread
+blocked inside XLA cannot be interrupted, so ending the process is the only way out.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+import jax
+
+STALL_EXIT_CODE = 5
+
+
+class StallWatchdog:
+    """Ends the process with one line when a wait inside ``waiting`` lasts over ``timeout`` seconds
+    (0 = never)."""
+
+    def __init__(self, timeout: float = 0, hint: str = ""):
+        self.configure(timeout, hint)
+        self._since: float | None = None
+        self._what: Callable[[], str] = str
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def configure(self, timeout: float, hint: str = "") -> None:
+        """``hint`` ends the message: what to try (it ends with "; ")."""
+        self.timeout, self.hint = timeout, hint
+
+    @contextlib.contextmanager
+    def waiting(self, what: Callable[[], str]):
+        """Watches the block inside; ``what()`` describes it (called only if it stalls)."""
+        if not self.timeout:
+            yield
+            return
+        self._start()
+        with self._lock:
+            self._since, self._what = time.monotonic(), what
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._since = None
+
+    def _start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="oat_jax-stall-watchdog", daemon=True)
+            self._thread.start()
+
+    def _watch(self):
+        while True:
+            time.sleep(min(1.0, self.timeout / 4 or 1.0))
+            with self._lock:
+                stalled = bool(self.timeout and self._since is not None
+                               and time.monotonic() - self._since > self.timeout)
+                what = self._what if stalled else None
+            if stalled:
+                process = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+                print(f"error: {process}{what()} has waited over {self.timeout:g} s for its {jax.device_count()} "
+                      f"devices and is stalled; {self.hint}rerun the same command to resume from the last "
+                      "finished epoch", file=sys.stderr, flush=True)
+                os._exit(STALL_EXIT_CODE)
+
+
+# One per process: its thread outlives a run, and a run configures it (train.train_and_evaluate).
+WATCHDOG = StallWatchdog()
+
+
+class InFlight:
+    """Keeps at most ``limit`` dispatched steps unfinished (0 = no bound): ``add`` a value each step
+    returns, and it waits for the oldest beyond the limit; ``drain`` waits for them all."""
+
+    def __init__(self, limit: int, watchdog: StallWatchdog = WATCHDOG):
+        self.limit, self.watchdog = limit, watchdog
+        self._pending: collections.deque = collections.deque()
+
+    def add(self, value, what: Callable[[], str]) -> None:
+        self._pending.append((value, what))
+        while self.limit and len(self._pending) > self.limit:
+            self._wait(*self._pending.popleft())
+
+    def drain(self) -> None:
+        while self._pending:
+            self._wait(*self._pending.popleft())
+
+    def _wait(self, value, what):
+        with self.watchdog.waiting(what):
+            jax.block_until_ready(value)

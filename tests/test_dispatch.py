@@ -1,0 +1,67 @@
+"""Long runs on several forced CPU devices, and devices that stop answering (oat_jax.dispatch).
+
+With every step dispatched at once, XLA:CPU deadlocked after a few hundred steps on 2 or 4 devices and
+aborted the process 40 s later; the first test is that run (the quickstart's CLI on 4,000 real Fashion-MNIST
+images, 375 steps). The second makes one step never finish and checks that the watchdog ends the run in
+one line, before XLA would, and that the rerun resumes to the uninterrupted run's results."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from oat_jax import dispatch
+from oat_jax.data import fashion_mnist
+
+TESTS = pathlib.Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _environment(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEFAULT_DIR) and not os.environ.get("OAT_DATA_DIR"),
+                    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_hundreds_of_steps_on_two_and_four_devices_finish_alike(tmp_path):
+    finals = {}
+    for devices in (2, 4):
+        workdir = tmp_path / f"devices{devices}"
+        result = subprocess.run(
+            [sys.executable, "-m", "oat_jax.main", "--config", str(ROOT / "configs/fashion_mnist_lightweight.py"),
+             "--workdir", str(workdir), "--config.train_limit=4000", "--config.test_limit=500",
+             "--config.num_epochs=3", "--config.pretrain_epochs=1", "--config.progress=false"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env=_environment(devices))
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((workdir / "summary.json").read_text())
+        finals[devices] = {arm: summary["arms"][arm]["final_test_accuracy"] for arm in ("ce", "oat")}
+    one_sample = 100 / 500
+    for arm in ("ce", "oat"):
+        assert abs(finals[2][arm] - finals[4][arm]) <= one_sample + 1e-9, finals
+
+
+def _sharded_run(workdir, overrides, *extra):
+    return subprocess.run([sys.executable, str(TESTS / "sharded_run.py"), str(workdir), json.dumps(overrides),
+                           *extra], capture_output=True, text=True, timeout=600, env=_environment(2))
+
+
+def test_a_stalled_device_ends_the_run_in_one_line_and_the_rerun_resumes(tmp_path):
+    # 13 steps an epoch: step 20 is the 7th of the cross-entropy arm's epoch 2, after pre-training's epoch 1.
+    stalled = _sharded_run(tmp_path / "run", {"stall_timeout_seconds": 3}, "stall:20")
+    assert stalled.returncode == dispatch.STALL_EXIT_CODE, stalled.stderr[-3000:]
+    assert "Traceback" not in stalled.stderr and "Fatal" not in stalled.stderr
+    last = stalled.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training of arm 'ce', epoch 2, step 7 of 13 has waited over 3 s for its 2 "
+                           "devices and is stalled;"), last
+    assert "--config.steps_in_flight" in last and last.endswith("rerun the same command to resume from the last "
+                                                                "finished epoch")
+    assert (tmp_path / "run/checkpoints/pretrain/1").is_dir()  # the last finished epoch is kept
+
+    resumed = _sharded_run(tmp_path / "run", {"stall_timeout_seconds": 3})
+    uninterrupted = _sharded_run(tmp_path / "reference", {"stall_timeout_seconds": 3})
+    for result in (resumed, uninterrupted):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert (json.loads(resumed.stdout.splitlines()[-1])["summary"]["arms"]
+            == json.loads(uninterrupted.stdout.splitlines()[-1])["summary"]["arms"])
