@@ -33,6 +33,7 @@ from oat_jax.models.weights import WeightsError  # noqa: E402
 from oat_jax.sharding import ShardingError  # noqa: E402
 from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
 from oat_jax.train import TrainingDiverged, WorkdirMismatch, request_stop, stop_requested, train_and_evaluate  # noqa: E402
+from oat_jax.workdir import WorkdirBusy  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and summary.json.")
@@ -118,7 +119,7 @@ def main(argv):
     try:
         summary = train_and_evaluate(config, workdir)
     except (ConfigError, data.DatasetError, distributed.DistributedError, ShardingError, WeightsError,
-            WorkdirMismatch, CheckpointMismatch) as e:
+            WorkdirMismatch, WorkdirBusy, CheckpointMismatch) as e:
         _fail(str(e))
     except WorkdirFull as e:  # nothing is lost: the same command resumes once there is space
         _fail(str(e), code=4)

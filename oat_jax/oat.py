@@ -4,7 +4,8 @@ For a batch of raw model outputs ``z`` (B, C) and integer labels ``y`` (B,):
 
 * anchor ``a`` (C,): the softmaxed centre of the batch's outputs (eq. 1);
 * targets ``t`` (B, C) = onehot(y) / a - 1: the percentage change of the label w.r.t. the anchor (eq. 2);
-* loss: mean squared error between ``z`` and ``t`` (eq. 3);
+* loss: squared error between ``z`` and ``t`` (eq. 3), per example as optax's losses are: the caller reduces
+  (their mean over the batch is the paper's mean squared error);
 * decoding: scores ``a_test * (z + 1)`` with the anchor of the test batch itself (eq. 4).
 
 ``grouped_oat_loss`` is the loss with each of G equal groups of the batch regressed against its own anchor:
@@ -102,7 +103,8 @@ def oat_targets(labels: jax.Array, anchor: jax.Array, num_classes: int) -> jax.A
 def oat_loss(outputs: jax.Array, labels: jax.Array, *, num_classes: int | None = None,
              variant: str = "released", anchor_gradient: bool | None = None,
              where: jax.Array | None = None) -> jax.Array:
-    """OAT loss (eq. 3): mean squared error between the outputs and the OAT targets.
+    """OAT loss (eq. 3) per example: each row's mean squared error against its OAT target, like optax's
+    ``softmax_cross_entropy_with_integer_labels``; ``oat_loss(outputs, labels).mean()`` is the batch loss.
 
     Args:
         outputs: (B, C) raw model outputs.
@@ -114,7 +116,10 @@ def oat_loss(outputs: jax.Array, labels: jax.Array, *, num_classes: int | None =
         where: optional (B,) bool mask of real rows.
 
     Returns:
-        Scalar: mean over the real rows and all C classes (PyTorch ``nn.MSELoss()`` reduction).
+        (B,) each row's squared error averaged over the C classes, 0 on padded rows. Their mean over the real
+        rows (``values.sum() / where.sum()``) is PyTorch's ``nn.MSELoss()`` of the batch, as the released code
+        computes it. The anchor couples the rows: with ``anchor_gradient`` the gradient of one row's value
+        reaches every row's outputs.
     """
     _check_variant(variant)
     outputs = _zero_padding(jnp.asarray(outputs), where)
@@ -129,17 +134,18 @@ def oat_loss(outputs: jax.Array, labels: jax.Array, *, num_classes: int | None =
         anchor = jax.lax.stop_gradient(anchor)
     targets = oat_targets(labels, anchor, num_classes)
     per_row = jnp.mean(jnp.square(outputs - targets), axis=-1)
-    return _masked_row_mean(per_row, where)
+    return per_row if where is None else jnp.where(jnp.asarray(where, dtype=bool), per_row, 0.0)
 
 
 def grouped_oat_loss(outputs: jax.Array, labels: jax.Array, where: jax.Array | None = None, *, groups: int,
                      variant: str = "released", anchor_gradient: bool | None = None) -> jax.Array:
-    """The OAT loss with the batch split into ``groups`` equal consecutive groups, each with the anchor of its
-    own real rows: every real row's squared error against its group's targets, averaged over all real rows.
+    """The OAT loss per example (B,) with the batch split into ``groups`` equal consecutive groups, each with
+    the anchor of its own real rows: every real row's squared error against its group's targets, 0 on padded
+    rows (reduce as with ``oat_loss``).
 
     On a batch sharded over that many devices, each group is one device's slice: the per-device anchor of a
     data-parallel run (no anchor crosses devices). ``groups=1`` is ``oat_loss``, the anchor of the whole
-    batch. A group without real rows adds nothing. ``groups`` must divide the batch size B.
+    batch. ``groups`` must divide the batch size B.
     """
     batch = outputs.shape[0]
     if groups < 1 or batch % groups:
@@ -148,14 +154,14 @@ def grouped_oat_loss(outputs: jax.Array, labels: jax.Array, where: jax.Array | N
         return oat_loss(outputs, labels, variant=variant, anchor_gradient=anchor_gradient, where=where)
     where = jnp.ones((batch,), bool) if where is None else jnp.asarray(where, dtype=bool)
 
-    def summed(group_outputs, group_labels, group_mask):  # the group's mean times its real rows
+    def per_group(group_outputs, group_labels, group_mask):
         return oat_loss(group_outputs, group_labels, variant=variant, anchor_gradient=anchor_gradient,
-                        where=group_mask) * jnp.sum(group_mask)
+                        where=group_mask)
 
     def split(x):
         return x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
 
-    return jnp.sum(jax.vmap(summed)(split(outputs), split(labels), split(where))) / jnp.maximum(jnp.sum(where), 1)
+    return jax.vmap(per_group)(split(outputs), split(labels), split(where)).reshape(batch)
 
 
 def decode(outputs: jax.Array, anchor: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ checkpoints every epoch and a resumable record of metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from oat_jax import config_schema, data, dispatch, distributed, input_pipeline, 
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
+from oat_jax.workdir import WorkdirBusy, hold_lock
 
 # How many steps of each epoch have their batch anchor recorded, evenly spread.
 _SAMPLED_STEPS = 5
@@ -377,7 +379,13 @@ def _print_epoch(record):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
-    """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json)."""
+    """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json).
+    One run per workdir at a time: WorkdirBusy while another holds it (``workdir.hold_lock``)."""
+    with contextlib.ExitStack() as lock:  # the workdir's lock, once taken, is released however the run ends
+        return _train_and_evaluate(config, workdir, report, lock)
+
+
+def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> dict:
     _STOP.clear()  # a stop asked of an earlier run in this process does not carry over
     distributed.initialize(config)  # several processes: before anything runs on a device
     mesh = sharding.data_mesh()
@@ -390,6 +398,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
                                 image_size=config.image_size)
     _check_inputs(config, dataset)
     distributed.barrier("oat_jax:checked")
+    refused = None
+    if distributed.is_primary():  # the other processes share the workdir by design
+        try:
+            lock.enter_context(hold_lock(workdir))
+            _check_workdir(workdir, config)  # again, locked: another run may have trained here since the check
+        except (WorkdirBusy, WorkdirMismatch) as error:
+            refused = error
+    if distributed.any_process(refused is not None):  # all stop together, none left waiting at a barrier
+        raise refused or WorkdirBusy(f"workdir {workdir} was refused by process 0 (its error says why)")
     if distributed.is_primary():
         _record_config(workdir, config)
     distributed.barrier("oat_jax:workdir-recorded")

@@ -54,8 +54,13 @@ GRAD_SHAPES = [(1, 3), (4, 5), (8, 10)]
 PAD = 3
 
 
+def batch_loss(values, where=None):
+    """The caller's reduction of per-example losses (B,): their mean over the real rows."""
+    return jnp.mean(values) if where is None else jnp.sum(values) / jnp.maximum(jnp.sum(where), 1)
+
+
 def _loss_of_outputs(z, *, labels, variant, anchor_gradient, where):
-    return oat_loss(z, labels, variant=variant, anchor_gradient=anchor_gradient, where=where)
+    return batch_loss(oat_loss(z, labels, variant=variant, anchor_gradient=anchor_gradient, where=where), where)
 
 
 @functools.partial(jax.jit, static_argnames=("variant",))
@@ -321,13 +326,13 @@ def test_hand_example_eager(variant):
     a = batch_anchor(z, variant=variant)
     close(a, a_hand, rtol=1e-6, atol=1e-7)
     close(oat_targets(y, a, 2), t_hand, rtol=1e-6, atol=1e-6)
-    close(oat_loss(z, y, variant=variant), loss_hand, rtol=1e-6)
-    close(oat_loss(z, y, num_classes=2, variant=variant), loss_hand, rtol=1e-6)
+    close(oat_loss(z, y, variant=variant).mean(), loss_hand, rtol=1e-6)
+    close(oat_loss(z, y, num_classes=2, variant=variant).mean(), loss_hand, rtol=1e-6)
     close(decode(z, a), r_hand, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(predict(z, variant=variant)), pred_hand)
     if variant == "released":  # the default variant
         close(batch_anchor(z), a_hand, rtol=1e-6, atol=1e-7)
-        close(oat_loss(z, y), loss_hand, rtol=1e-6)
+        close(oat_loss(z, y).mean(), loss_hand, rtol=1e-6)
         np.testing.assert_array_equal(np.asarray(predict(z)), pred_hand)
 
 
@@ -725,7 +730,8 @@ def test_masked_grad_of_jitted_loss_ignores_extreme_finite_padding(variant):
     z, y = make_batch(31, 4, 5)
     zp, yp, mask = pad_batch(z, y, seed=31)
     zp[~mask] = BIG
-    loss_j = jax.jit(oat_loss, static_argnames=("variant",))
+    loss_j = jax.jit(lambda z, y, variant, where: batch_loss(oat_loss(z, y, variant=variant, where=where), where),
+                     static_argnames=("variant",))
     g = np.asarray(jax.grad(loss_j)(jnp.asarray(zp), jnp.asarray(yp), variant=variant, where=jnp.asarray(mask)))
     g_u = run_all(z, y, variant)["grad_default"]
     assert np.all(np.isfinite(g[mask])), g
@@ -915,8 +921,9 @@ def test_jit_compatible(variant):
     a = anchor_j(zj, variant=variant, where=mj)
     a_ref = ref_anchor(zp, variant, where=mask)
     close(a, a_ref, rtol=1e-5, atol=1e-7)
-    close(loss_j(zj, yj, variant=variant, where=mj), ref_loss(zp, yp, variant, where=mask), rtol=1e-4)
-    close(loss_j(zj, yj, num_classes=5, variant=variant, anchor_gradient=False, where=mj),
+    close(batch_loss(loss_j(zj, yj, variant=variant, where=mj), mj), ref_loss(zp, yp, variant, where=mask),
+          rtol=1e-4)
+    close(batch_loss(loss_j(zj, yj, num_classes=5, variant=variant, anchor_gradient=False, where=mj), mj),
           ref_loss(zp, yp, variant, where=mask), rtol=1e-4)
     np.testing.assert_array_equal(np.asarray(pred_j(zj, variant=variant, where=mj))[mask],
                                   ref_predict(zp, variant, where=mask)[mask])
@@ -949,7 +956,8 @@ def test_grouped_loss_and_gradient_against_the_reference_per_group(variant, anch
             expected_grad[g] = n / total * ref_grad(z[g], y[g], variant, anchor_gradient, where=where[g])
 
     def loss(outputs):
-        return grouped_oat_loss(outputs, y, where, groups=4, variant=variant, anchor_gradient=anchor_gradient)
+        return batch_loss(grouped_oat_loss(outputs, y, where, groups=4, variant=variant,
+                                           anchor_gradient=anchor_gradient), where)
 
     value, gradient = jax.value_and_grad(loss)(jnp.asarray(z))
     close(value, expected_loss, rtol=1e-5)
@@ -963,7 +971,25 @@ def test_one_group_is_the_loss_of_the_whole_batch(variant):
     z, y = make_batch(43, 8, 6)
     close(grouped_oat_loss(z, y, groups=1, variant=variant), oat_loss(z, y, variant=variant), rtol=1e-6)
     close(grouped_oat_loss(z, y, groups=8, variant=variant),
-          np.mean([ref_loss(z[i:i + 1], y[i:i + 1], variant) for i in range(8)]), rtol=1e-5)
+          [ref_loss(z[i:i + 1], y[i:i + 1], variant) for i in range(8)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_losses_are_per_example_and_zero_on_padding(variant):
+    """Shaped like optax's losses: one value per row, each row's mean squared error against the targets of
+    the batch's anchor (the NumPy reference), 0 on padded rows; their mean over the real rows is the batch's
+    nn.MSELoss, as the released code reduces it."""
+    z, y = make_batch(45, 6, 4)
+    zp, yp, mask = pad_batch(z, y, seed=45)
+    values = np.asarray(oat_loss(jnp.asarray(zp), jnp.asarray(yp), variant=variant, where=jnp.asarray(mask)))
+    assert values.shape == (len(zp),)
+    np.testing.assert_array_equal(values[~mask], 0.0)
+    targets = ref_targets(y, ref_anchor(z, variant), 4)
+    close(values[mask], np.mean((z - targets) ** 2, axis=1), rtol=1e-5)
+    close(values.sum() / mask.sum(), ref_loss(z, y, variant), rtol=1e-5)
+    grouped = np.asarray(grouped_oat_loss(jnp.asarray(zp), jnp.asarray(yp), jnp.asarray(mask), groups=len(zp) // 3,
+                                          variant=variant))
+    assert grouped.shape == (len(zp),) and np.all(grouped[~mask] == 0.0)
 
 
 def test_groups_that_do_not_split_the_batch_are_refused():
