@@ -95,11 +95,19 @@ class ArmCheckpoints:
         _check_fits(os.path.join(self.directory, str(epoch)), lambda: self._manager.item_metadata(epoch), template)
         return self._manager.restore(epoch, args=ocp.args.StandardRestore(template))
 
-    def restore_latest(self, template, warn) -> tuple[int | None, object]:
+    def restore_latest(self, template, warn, at_most: int | None = None) -> tuple[int | None, object]:
         """(epoch, state) of the latest checkpoint that restores, or (None, None). A checkpoint that does not
         (truncated, corrupt) is moved aside to ``checkpoints/corrupt/``, never deleted, and ``warn`` is
-        called with a line naming it; the previous one is tried next. CheckpointMismatch is raised as is."""
+        called with a line naming it; the previous one is tried next. CheckpointMismatch is raised as is.
+
+        Checkpoints after epoch ``at_most`` (the last one metrics.jsonl records) are removed with a warning:
+        their epochs are trained again, exactly, so that the log and the checkpoints agree."""
         for epoch in sorted(self._manager.all_steps(), reverse=True):
+            if at_most is not None and epoch > at_most:
+                self._manager.delete(epoch)
+                warn(f"checkpoint {os.path.join(self.directory, str(epoch))} is ahead of metrics.jsonl (the line "
+                     f"of {self.arm} epoch {epoch} is missing or cut short); removed, and its epoch is trained again")
+                continue
             try:
                 return epoch, self.restore(epoch, template)
             except CheckpointMismatch:

@@ -10,11 +10,13 @@ from oat_jax.disk_full import writing
 
 class MetricsLog:
     """Append-only JSON lines, cut back on resume to the epochs that have a checkpoint. With ``write=False``
-    (the other processes of a run over several) the same records are kept in memory only."""
+    (the other processes of a run over several) the same records are kept in memory only. A ``mirror`` (the
+    TensorBoard events) gets every appended record too."""
 
     def __init__(self, path: str, write: bool = True):
         self.path = path
         self.write = write
+        self.mirror = None
         self._records = read_records(path)
 
     def records(self) -> list[dict]:
@@ -36,6 +38,9 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+        if self.mirror is not None:
+            self.mirror.add(record)
+            self.mirror.flush()
 
 
 def read_records(path: str) -> list[dict]:

@@ -24,6 +24,7 @@ from oat_jax import config_schema, data, dispatch, distributed, input_pipeline, 
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.metrics_log import MetricsLog, summarise, write_json
+from oat_jax.tensorboard import TensorBoardLog
 from oat_jax.workdir import WorkdirBusy, hold_lock
 
 # How many steps of each epoch have their batch anchor recorded, evenly spread.
@@ -355,16 +356,30 @@ def _warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _resume_points(managers, template, config, arms) -> dict:
-    """Each arm's (last restorable epoch or None, its state or None), falling back past damaged checkpoints.
-    A finished arm is not restored; the pre-training only when something still needs it."""
+def _logged_epochs(records, seeds) -> dict:
+    """Each arm's last epoch that metrics.jsonl records for every seed (0 for none)."""
+    seen = {(r["arm"], r["epoch"], r["seed"]) for r in records}
+    logged = {}
+    for arm, epoch, _ in seen:
+        if all((arm, epoch, seed) in seen for seed in seeds):
+            logged[arm] = max(logged.get(arm, 0), epoch)
+    return logged
+
+
+def _resume_points(managers, template, config, arms, logged) -> dict:
+    """Each arm's (last restorable epoch or None, its state or None), falling back past damaged checkpoints
+    and past checkpoints ahead of the log (``logged``: each arm's last logged epoch). A finished arm is not
+    restored; the pre-training only when something still needs it."""
     points = {}
     for arm in arms:
         latest = managers[arm].latest_epoch()
-        points[arm] = (latest, None) if latest == config.num_epochs else managers[arm].restore_latest(template, _warn)
+        finished = latest == config.num_epochs and logged.get(arm) == latest
+        points[arm] = (latest, None) if finished else managers[arm].restore_latest(template, _warn,
+                                                                                   logged.get(arm, 0))
     pretrain_latest = managers["pretrain"].latest_epoch()
-    if any(epoch is None for epoch, _ in points.values()) or (pretrain_latest or 0) < config.pretrain_epochs:
-        points["pretrain"] = managers["pretrain"].restore_latest(template, _warn)
+    behind = (pretrain_latest or 0) > logged.get("pretrain", 0)
+    if any(epoch is None for epoch, _ in points.values()) or (pretrain_latest or 0) < config.pretrain_epochs or behind:
+        points["pretrain"] = managers["pretrain"].restore_latest(template, _warn, logged.get("pretrain", 0))
     else:
         points["pretrain"] = (pretrain_latest, None)
     return points
@@ -420,9 +435,12 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in ["pretrain"] + arms}
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), write=distributed.is_primary())
     try:
-        points = _resume_points(managers, template, config, arms)
+        points = _resume_points(managers, template, config, arms,
+                                _logged_epochs(log.records(), replica_seeds(config)))
         # Metrics of epochs past the checkpoints (an epoch logged but not saved, a damaged checkpoint) are redone.
         log.keep_only({arm: -1 if epoch is None else epoch for arm, (epoch, _) in points.items()})
+        if distributed.is_primary():
+            log.mirror = TensorBoardLog(workdir, log.records(), replica_seeds(config))
         pretrain_done, state = points["pretrain"]
         if pretrain_done is None:
             state = template
@@ -446,6 +464,8 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
     finally:
         for manager in managers.values():
             manager.close()
+        if log.mirror is not None:
+            log.mirror.close()
     summary = summarise(log.records(), arms, config.paper.to_dict())
     summary["dataset"] = {"name": dataset.name, "source": dataset.source, "train_samples": len(dataset.train_labels),
                           "test_samples": len(dataset.test_labels)}

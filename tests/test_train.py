@@ -13,6 +13,7 @@ import pytest
 from oat_jax import config_schema, data, input_pipeline, models, oat, steps, train
 from oat_jax.checkpoints import ArmCheckpoints
 from conftest import STANDIN_MODEL
+from test_tensorboard import scalars_of
 
 
 def _state_and_data(config):
@@ -330,6 +331,32 @@ def test_a_workdir_that_holds_only_a_config_takes_a_new_one(synthetic_config, tm
     synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
     _run(synthetic_config, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == synthetic_config.learning_rate
+
+
+def _without_times(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"} for line in path.read_text().splitlines()]
+
+
+def test_a_log_line_cut_short_is_trained_again_so_the_summary_stays_right(synthetic_config, tmp_path, capsys):
+    """A finished run whose last metrics.jsonl line was cut short (a crash or a full disk mid-append): its
+    checkpoint is ahead of the log, so the rerun removes it and trains that epoch again, ending with the
+    uninterrupted run's summary and log instead of calling epoch 2 final."""
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 3, 1
+    summary, _ = _run(synthetic_config, tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    expected = _without_times(log)
+    lines = log.read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1])["arm"] == "oat" and json.loads(lines[-1])["epoch"] == 3
+    log.write_text("".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+    again, seen = _run(synthetic_config, tmp_path)
+    assert [(r["arm"], r["epoch"]) for r in seen] == [("oat", 3)]
+    assert again == summary and _without_times(log) == expected
+    assert "is ahead of metrics.jsonl (the line of oat epoch 3 is missing or cut short)" in capsys.readouterr().err
+    # The TensorBoard events follow the log: every arm's epochs once, the redone one included.
+    for arm in ("pretrain", "ce", "oat"):
+        scalars = scalars_of(tmp_path / "tensorboard" / arm)
+        assert scalars["test_accuracy"] == pytest.approx({r["epoch"]: r["test_accuracy"] for r in expected
+                                                          if r["arm"] == arm}, rel=1e-6)
 
 
 def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_path):
