@@ -249,8 +249,9 @@ def arms_of(method: str) -> list[str]:
     return {"both": ["ce", "oat"], "ce": ["ce"], "oat": ["oat"]}[method]
 
 
-def _identity(config) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in _COSMETIC_FIELDS}
+def _identity(config: dict) -> dict:
+    """The fields that decide a run's results (a config's ``to_dict()`` or a saved config.json)."""
+    return {k: v for k, v in config.items() if k not in _COSMETIC_FIELDS}
 
 
 def _check_workdir(workdir, config) -> None:
@@ -260,8 +261,8 @@ def _check_workdir(workdir, config) -> None:
     if not (trained and os.path.exists(path)):
         return  # nothing trained here yet: the new config takes the folder
     with open(path) as f:
-        saved = {k: v for k, v in json.load(f).items() if k not in _COSMETIC_FIELDS}
-    current = _identity(config)
+        saved = _identity(json.load(f))
+    current = _identity(config.to_dict())
     # A field the saved run predates had its default value then: only a different value is a change.
     defaults = config_schema.base_config().to_dict()
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
@@ -275,10 +276,10 @@ def _record_config(workdir, config) -> None:
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            if json.load(f) == _identity(config):
+            if json.load(f) == _identity(config.to_dict()):
                 return  # a resumed run leaves its record as it was
     os.makedirs(workdir, exist_ok=True)
-    write_json(path, _identity(config))
+    write_json(path, _identity(config.to_dict()))
 
 
 def _check_inputs(config, dataset: data.Dataset) -> None:
