@@ -69,8 +69,11 @@ def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor
         if objective == "ce":
             loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels), mask)
         else:
-            loss = _masked_mean(oat.grouped_oat_loss(outputs, labels, mask, groups=anchor_groups, variant=variant,
-                                                     anchor_gradient=anchor_gradient), mask)
+            losses = oat.grouped_oat_loss(outputs, labels, mask, groups=anchor_groups, variant=variant,
+                                          anchor_gradient=anchor_gradient)
+            # Divided before summed, as the loss reduced itself before it returned per-example values: the same
+            # float rounding, so runs keep their earlier results.
+            loss = jnp.sum(jnp.where(mask, losses / jnp.maximum(jnp.sum(mask), 1), 0.0))
         return loss, (oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask), batch_stats)
 
     (loss, (anchor, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
