@@ -23,17 +23,18 @@ def timed_repeats(run: Callable[[], None], repeats: int) -> dict[str, float]:
 
 
 def time_training_steps(states, step: Callable, steps_per_repeat: int, repeats: int, in_flight: int = 2):
-    """(first call seconds, ms per step statistics, final states) of ``step(states) -> (states, loss, ...)``
+    """(first call seconds, ms per step statistics, final states) of ``step(states) -> (states, outputs)``
     applied again and again, at most ``in_flight`` steps unfinished as in the training loop (0 = unbounded,
     which deadlocks XLA:CPU with several devices); the first call compiles, ten more warm up."""
+    import jax
     from oat_jax import dispatch
     holder = {"states": states}
 
     def run(count):
         states, pending = holder["states"], dispatch.InFlight(in_flight)
         for _ in range(count):
-            states, loss, *_ = step(states)
-            pending.add(loss, lambda: "a benchmark step")
+            states, outputs = step(states)
+            pending.add(jax.tree.leaves(outputs)[0], lambda: "a benchmark step")
         pending.drain()
         holder["states"] = states
 
@@ -61,6 +62,16 @@ def ratio(numerator: dict[str, float], denominator: dict[str, float]) -> float:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (None where /proc/loadavg is missing): how busy the
+    machine was around a measurement."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def _cpu_name() -> str:

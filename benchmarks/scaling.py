@@ -20,7 +20,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from benchmarks import common
-from oat_jax import sharding, steps, train
+from oat_jax import sharding, steps
+from oat_jax import state as state_lib
+from oat_jax.objectives import LossSettings
 from oat_jax.config_schema import base_config
 
 # (name, objective, per-device anchor)
@@ -66,19 +68,21 @@ def _time_arm(args, model, mesh, objective, per_device_anchor):
     images, labels, masks = sharding.place_batch((images, labels, np.ones((1, batch), bool)), mesh)
     mean = np.full(args.image_shape[-1], 0.5, np.float32)
     std = np.full(args.image_shape[-1], 0.25, np.float32)
-    state = train.create_train_state(model, args.image_shape, base_config(), 0)
+    state = state_lib.create_train_state(model, args.image_shape, base_config(), 0)
     states = sharding.place_states(jax.tree.map(lambda leaf: leaf[None], state), mesh)  # one replica
-    groups = mesh.size if per_device_anchor else 1
+    metrics = sharding.place_states(steps.new_metrics(1, args.num_classes), mesh)
+    settings = LossSettings(anchor_groups=mesh.size if per_device_anchor else 1)
     first, stats, _ = common.time_training_steps(
-        states, lambda states: steps.train_step_replicas(states, images, labels, masks, mean, std, objective=objective,
-                                                         anchor_groups=groups), args.steps, args.repeats,
-        args.steps_in_flight)
+        states, lambda states: steps.train_step_replicas(states, metrics, images, labels, masks,
+                                                         steps.sampled_steps(args.steps), mean, std,
+                                                         objective=objective, settings=settings),
+        args.steps, args.repeats, args.steps_in_flight)
     return first, stats
 
 
 def main():
     args = _parse()
-    model = train.cached_model(args.model, args.num_classes)
+    model = state_lib.cached_model(args.model, args.num_classes)
     result = {"benchmark": "scaling", "environment": common.environment(),
               "setup": {"model": args.model, "image_shape": list(args.image_shape), "num_classes": args.num_classes,
                         "per_device_batch": args.per_device_batch, "devices": args.devices, "steps": args.steps,

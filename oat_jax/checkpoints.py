@@ -1,4 +1,4 @@
-"""Orbax checkpoints of one training arm: ``<workdir>/checkpoints/<arm>/<epoch>``.
+"""Orbax checkpoints of one training arm: ``<workdir>/checkpoints/<arm>/<optimiser step>``.
 
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a run killed at any
 moment leaves only whole checkpoints behind; the latest one is where a rerun resumes. With several processes
@@ -16,11 +16,13 @@ import os
 import shutil
 import sys
 import threading
+from typing import NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from oat_jax import distributed
+from oat_jax import distributed, sharding
 from oat_jax.disk_full import WorkdirFull, is_disk_full, writing
 
 
@@ -66,125 +68,136 @@ def _saving(path: str):
         raise
 
 
+class ResumePoint(NamedTuple):
+    """Where an arm resumes: after ``epoch`` finished epochs and ``steps_done`` steps of the next one (0 at an
+    epoch's end), with the states and, part-way, the next epoch's running metrics."""
+    epoch: int
+    steps_done: int
+    states: object
+    metrics: dict | None
+
+
 class ArmCheckpoints:
-    """The latest states of one arm ("pretrain", "ce" or "oat"), one per finished epoch (step = epoch)."""
+    """The checkpoints of one arm ("pretrain" or an objective's name) in one Orbax manager:
+    ``<workdir>/checkpoints/<arm>/<optimiser step>``, each holding the replicas' ``state`` and, for an epoch
+    stopped part-way (Ctrl-C, SIGTERM), its running metrics as ``progress``. Orbax's custom metadata says
+    which epoch a checkpoint ends ({"epoch": e, "steps_done": None}) or how far into which epoch it stopped
+    ({"epoch": e, "steps_done": s}).
+
+    Two are kept, so the previous one survives while the next is written. A finished epoch is saved in the
+    background while the next epoch trains (Orbax first copies the arrays, so the next steps may overwrite
+    them); ``close`` and every restore wait for it. Checkpoints of earlier versions (one per epoch, numbered
+    by epoch, a single item) are read as finished epochs.
+    """
 
     def __init__(self, workdir: str, arm: str, max_to_keep: int = 2):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints", arm)
         self.arm = arm
-        self.partial = PartialEpochs(workdir, arm)  # an epoch of this arm stopped part-way
-        # Two are kept so that the previous epoch survives while the next one is being written. Saving is
-        # synchronous: the states are small (a tenth of a second here), and an epoch's checkpoint is then
-        # complete on disk before the next epoch starts, with no background threads competing for the CPU.
+        self._in_flight: str | None = None  # the folder of a save still being written in the background
+        handler = ocp.StandardCheckpointHandler
         with writing(self.directory):
             self._manager = ocp.CheckpointManager(
-                self.directory, item_handlers=ocp.StandardCheckpointHandler(),  # for item_metadata
+                self.directory, item_handlers={"state": handler(), "progress": handler(), _LEGACY: handler()},
                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                     enable_async_checkpointing=False))
+                                                     enable_async_checkpointing=True))
+        if distributed.is_primary():  # part-way epochs of earlier versions: their epoch starts over
+            shutil.rmtree(self.directory + "-partial", ignore_errors=True)
+
+    def _point(self, step: int) -> tuple[int, int | None] | None:
+        """(epoch, steps done of it, None when the checkpoint ends the epoch) of a saved step; None when its
+        metadata cannot be read (a damaged checkpoint)."""
+        try:
+            saved = self._manager.metadata(step).custom_metadata or {}
+        except Exception:  # as in restore_latest
+            return None
+        return (saved["epoch"], saved.get("steps_done")) if "epoch" in saved else (step, None)
 
     def latest_epoch(self) -> int | None:
-        return self._manager.latest_step()
+        """The last finished epoch with a checkpoint, None without one."""
+        self.wait()
+        points = [self._point(step) for step in self._manager.all_steps()]
+        return max((point[0] for point in points if point and point[1] is None), default=None)
 
-    def save(self, epoch: int, state) -> None:
-        with _saving(os.path.join(self.directory, str(epoch))):
-            self._manager.save(epoch, args=ocp.args.StandardSave(state))
+    def save(self, epoch: int, states, steps_done: int | None = None, metrics: dict | None = None) -> None:
+        """Saves the end of ``epoch`` (in the background), or with ``steps_done`` its progress part-way,
+        ``metrics`` its running metrics (and waits, as the run is stopping)."""
+        step = int(np.asarray(sharding.to_host(states.step)).reshape(-1)[0])
+        items = {"state": ocp.args.StandardSave(states)}
+        if steps_done is not None:
+            items["progress"] = ocp.args.StandardSave(metrics)
+        self.wait()  # a failed background save raises here
+        self._in_flight = os.path.join(self.directory, str(step))
+        with _saving(self._in_flight):
+            self._manager.save(step, args=ocp.args.Composite(**items),
+                               custom_metadata={"epoch": epoch, "steps_done": steps_done})
+        if steps_done is not None:
+            self.wait()
+
+    def wait(self) -> None:
+        """Returns once a save in flight is complete on disk (WorkdirFull naming it when the disk filled)."""
+        with _saving(self._in_flight or self.directory):
+            self._manager.wait_until_finished()
+        self._in_flight = None
+
+    def _restore(self, step: int, template, with_progress: bool):
+        name = _LEGACY if os.path.isdir(os.path.join(self.directory, str(step), _LEGACY)) else "state"
+        _check_fits(os.path.join(self.directory, str(step)), lambda: self._manager.item_metadata(step)[name],
+                    template)
+        items = {name: ocp.args.StandardRestore(template)}
+        if with_progress:
+            items["progress"] = ocp.args.StandardRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[name], restored["progress"] if with_progress else None
 
     def restore(self, epoch: int, template):
-        """The state saved at ``epoch``, with the structure (and static fields) of ``template``; raises
-        CheckpointMismatch when the saved arrays do not fit ``template``."""
-        _check_fits(os.path.join(self.directory, str(epoch)), lambda: self._manager.item_metadata(epoch), template)
-        return self._manager.restore(epoch, args=ocp.args.StandardRestore(template))
+        """The states saved at the end of ``epoch``, with the structure (and static fields) of ``template``;
+        raises CheckpointMismatch when the saved arrays do not fit ``template``."""
+        self.wait()
+        step = next(step for step in self._manager.all_steps() if self._point(step) == (epoch, None))
+        return self._restore(step, template, with_progress=False)[0]
 
-    def restore_latest(self, template, warn, at_most: int | None = None) -> tuple[int | None, object]:
-        """(epoch, state) of the latest checkpoint that restores, or (None, None). A checkpoint that does not
-        (truncated, corrupt) is moved aside to ``checkpoints/corrupt/``, never deleted, and ``warn`` is
-        called with a line naming it; the previous one is tried next. CheckpointMismatch is raised as is.
+    def restore_latest(self, template, warn, at_most: int | None = None) -> ResumePoint | None:
+        """The latest checkpoint that restores, or None. A checkpoint that does not (truncated, corrupt) is
+        moved aside to ``checkpoints/corrupt/``, never deleted, and ``warn`` is called with a line naming it;
+        the previous one is tried next. CheckpointMismatch is raised as is.
 
-        Checkpoints after epoch ``at_most`` (the last one metrics.jsonl records) are removed with a warning:
-        their epochs are trained again, exactly, so that the log and the checkpoints agree."""
-        for epoch in sorted(self._manager.all_steps(), reverse=True):
-            if at_most is not None and epoch > at_most:
-                self._manager.delete(epoch)
-                warn(f"checkpoint {os.path.join(self.directory, str(epoch))} is ahead of metrics.jsonl (the line "
-                     f"of {self.arm} epoch {epoch} is missing or cut short); removed, and its epoch is trained again")
+        Checkpoints past epoch ``at_most`` (the last one metrics.jsonl records; part-way, past the epoch after
+        it) are removed with a warning: their epochs are trained again, exactly, so the log and the
+        checkpoints agree."""
+        self.wait()
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            epoch, part = self._point(step) or (None, None)
+            path = os.path.join(self.directory, str(step))
+            if epoch is not None and at_most is not None and (epoch > at_most if part is None else epoch > at_most + 1):
+                self._manager.delete(step)
+                warn(f"checkpoint {path} is ahead of metrics.jsonl (the line of {self.arm} epoch {epoch} is "
+                     "missing or cut short); removed, and its epoch is trained again")
                 continue
             try:
-                return epoch, self.restore(epoch, template)
+                if epoch is None:
+                    raise ValueError("its metadata cannot be read")
+                states, metrics = self._restore(step, template, with_progress=part is not None)
             except CheckpointMismatch:
                 raise
             except Exception as error:  # Orbax and tensorstore raise many kinds (mostly ValueError) for damage
-                moved = _set_aside(os.path.join(self.directory, str(epoch)), os.path.dirname(self.directory),
-                                   f"{self.arm}-epoch{epoch}")
-                distributed.barrier(f"oat_jax:set-aside-{self.arm}-{epoch}")
+                moved = _set_aside(path, os.path.dirname(self.directory), f"{self.arm}-step{step}")
+                distributed.barrier(f"oat_jax:set-aside-{self.arm}-{step}")
                 self._manager.reload()
-                warn(f"checkpoint {os.path.join(self.directory, str(epoch))} cannot be restored "
-                     f"({type(error).__name__}: {_first_line(error)}); moved to {moved}, "
-                     "going back to the previous checkpoint")
-        return None, None
+                warn(f"checkpoint {path} cannot be restored ({type(error).__name__}: {_first_line(error)}); "
+                     f"moved to {moved}, going back to the previous checkpoint")
+                continue
+            return ResumePoint(epoch, 0, states, None) if part is None else ResumePoint(epoch - 1, part, states,
+                                                                                          metrics)
+        return None
 
     def close(self) -> None:
         """Waits for a save in flight to be complete on disk."""
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 
-class PartialEpochs:
-    """An epoch stopped part-way by Ctrl-C or SIGTERM: the replicas' states after its first ``step`` steps and
-    the epoch's running records (arrays), in ``<workdir>/checkpoints/<arm>-partial/``, so that a rerun
-    finishes the epoch exactly as an uninterrupted run would. Only the latest is kept; ``clear`` removes it
-    once the epoch is complete."""
-
-    def __init__(self, workdir: str, arm: str):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints", f"{arm}-partial")
-
-    def _manager(self):
-        handlers = {"states": ocp.StandardCheckpointHandler(), "records": ocp.StandardCheckpointHandler()}
-        return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False))
-
-    def save(self, epoch: int, step: int, states, records: dict) -> None:
-        with _saving(self.directory):
-            manager = self._manager()
-            # One number per (epoch, step): a later stop of the same epoch is a newer checkpoint, not a clash.
-            manager.save(epoch * _STEPS_PER_EPOCH_BOUND + step, args=ocp.args.Composite(
-                states=ocp.args.StandardSave(states), records=ocp.args.StandardSave(records)))
-            manager.wait_until_finished()
-            manager.close()
-
-    def restore(self, epoch: int, template, warn):
-        """(step, states, records) of a stop within ``epoch``, or None when there is none. One that does not
-        restore is moved aside to ``checkpoints/corrupt/`` (``warn`` names it) and the epoch starts over; one
-        that does not fit ``template`` raises CheckpointMismatch."""
-        if not os.path.isdir(self.directory):
-            return None
-        manager = self._manager()
-        try:
-            latest = manager.latest_step()
-            if latest is None or latest // _STEPS_PER_EPOCH_BOUND != epoch:
-                return None
-            _check_fits(self.directory, lambda: manager.item_metadata(latest)["states"], template)
-            restored = manager.restore(latest, args=ocp.args.Composite(
-                states=ocp.args.StandardRestore(template), records=ocp.args.StandardRestore()))
-            return latest % _STEPS_PER_EPOCH_BOUND, restored["states"], restored["records"]
-        except CheckpointMismatch:
-            raise
-        except Exception as error:  # as in ArmCheckpoints.restore_latest
-            moved = _set_aside(self.directory, os.path.dirname(self.directory), os.path.basename(self.directory))
-            distributed.barrier(f"oat_jax:set-aside-{os.path.basename(self.directory)}")
-            warn(f"the part-way checkpoint {self.directory} cannot be restored ({type(error).__name__}: "
-                 f"{_first_line(error)}); moved to {moved}, epoch {epoch} starts over")
-            return None
-        finally:
-            manager.close()
-
-    def clear(self) -> None:
-        if distributed.is_primary():
-            shutil.rmtree(self.directory, ignore_errors=True)
-        distributed.barrier(f"oat_jax:cleared-{os.path.basename(self.directory)}")
-
-
-# Steps of one epoch are fewer than this (a million batches), so epoch * bound + step orders the stops.
-_STEPS_PER_EPOCH_BOUND = 1_000_000
+# The item name of checkpoints saved by earlier versions (a single, unnamed item).
+_LEGACY = "default"
 
 
 def _check_fits(path: str, read_metadata, template) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from oat_jax import data, models, oat, sharding
-
-METHODS = ("both", "ce", "oat")
+from oat_jax import data, models, oat, objectives, sharding
+from oat_jax.workdir import METHOD_ARMS  # the older way to name the arms, still accepted
 NORMALISATIONS = ("dataset", "imagenet")
 
 
@@ -36,14 +35,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.learning_rate = 0.001
     config.momentum = 0.9
     config.reset_momentum = True     # fresh optimiser when OAT starts, as the released code does
-    config.method = "both"           # "both" arms from one shared pre-training, or "ce" / "oat" alone
+    config.arms = "ce,oat"           # objectives trained from one shared pre-training (oat_jax.objectives)
+    config.method = ""               # shorthand for arms, as older configs say: "both", "ce" or "oat"
     config.variant = "released"      # OAT anchor: "released" (double softmax) or "paper" (eq. 1)
     config.anchor_gradient = config_dict.placeholder(bool)  # None = the variant's own behaviour
     config.seed = 0
     config.num_seeds = 1             # replicas trained side by side in one program, seeds seed..seed+K-1
     config.train_limit = 0           # use only the first N training samples (0 = all)
     config.test_limit = 0            # use only the first N test samples (0 = all)
-    config.fused_epoch = False       # one compiled loop per epoch, data on the device (fast on GPU)
+    config.fused_epoch = config_dict.placeholder(bool)  # one compiled loop per epoch, data on the device;
+                                     # None = on accelerators, off on XLA:CPU (slower there: oat_jax.experiment)
     config.anchor_scope = "global"   # on several devices: "global" = the anchor of the whole batch, as on one
                                      # device; "device" = each device's slice has its own (oat_jax.sharding)
     config.progress = True           # progress bar on a terminal
@@ -101,7 +102,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"unknown dataset '{config.dataset}'; known datasets: {', '.join(data.dataset_names())}")
     require(config.model in models.model_names(),
             f"unknown model '{config.model}'; known models: {', '.join(models.model_names())}")
-    require(config.method in METHODS, f"method must be one of {', '.join(METHODS)}, got '{config.method}'")
+    require(config.method in ("", *METHOD_ARMS),
+            f"method must be one of {', '.join(METHOD_ARMS)} (or set arms instead), got '{config.method}'")
+    try:
+        objectives.parse_arms(config.arms)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    require(not config.method or config.arms in (base_config().arms, METHOD_ARMS[config.method]),
+            f"method '{config.method}' and arms '{config.arms}' disagree; set only arms")
     require(config.variant in oat.VARIANTS,
             f"variant must be one of {', '.join(oat.VARIANTS)}, got '{config.variant}'")
     require(config.normalisation in NORMALISATIONS,
@@ -111,8 +119,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.num_epochs >= 1, f"num_epochs must be at least 1, got {config.num_epochs}")
     require(0 <= config.pretrain_epochs <= config.num_epochs,
             f"pretrain_epochs must lie in 0..num_epochs ({config.num_epochs}), got {config.pretrain_epochs}")
-    require(config.method == "ce" or config.pretrain_epochs < config.num_epochs,
-            f"pretrain_epochs ({config.pretrain_epochs}) leaves no OAT epoch of num_epochs ({config.num_epochs})")
+    require(arms_of(config) == [objectives.PRETRAINING] or config.pretrain_epochs < config.num_epochs,
+            f"pretrain_epochs ({config.pretrain_epochs}) leaves no epoch for the arms after the pre-training "
+            f"(num_epochs {config.num_epochs})")
     require(config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}")
     require(config.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {config.eval_batch_size}")
     require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
@@ -134,6 +143,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                                f"{config.stall_timeout_seconds}")
     require(config.train_limit >= 0, f"train_limit must be non-negative (0 = all), got {config.train_limit}")
     require(config.test_limit >= 0, f"test_limit must be non-negative (0 = all), got {config.test_limit}")
+
+
+def arms_of(config) -> list[str]:
+    """The arms a config trains: ``arms``, or what the shorthand ``method`` names."""
+    return objectives.parse_arms(METHOD_ARMS[config.method] if config.method else config.arms)
 
 
 def finetune_config(dataset: str, model: str) -> ml_collections.ConfigDict:

@@ -9,11 +9,10 @@ accuracy does not depend on the batch, is evaluated once as the reference. The r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 
-from oat_jax.metrics_log import write_json
+from oat_jax.workdir import CHECKPOINTS_DIR, WorkdirError, read_config, read_json, write_json
 
 RESULTS_FILE = "eval_batch_sizes.json"
 DEFAULT_SIZES = (1, 8, 32, 128, 0)  # 0 = the whole test set as one batch
@@ -24,13 +23,11 @@ class NoCheckpoint(RuntimeError):
 
 
 def run_config(workdir: str):
-    """The run's configuration: ``base_config()`` updated from its config.json (fields unknown to this
-    version are ignored; the nested ``paper`` group is updated field by field)."""
+    """The run's configuration: ``base_config()`` updated from its config.json as ``workdir.read_config``
+    completes it (fields unknown to this version are ignored)."""
     from oat_jax.config_schema import base_config
-    with open(os.path.join(workdir, "config.json")) as f:
-        saved = json.load(f)
     config = base_config()
-    config.update({key: value for key, value in saved.items() if key in config})
+    config.update({key: value for key, value in read_config(workdir).items() if key in config})
     config.progress = False
     return config
 
@@ -47,18 +44,10 @@ def _checkpoints(workdir: str, arm: str):
 
 def checkpoint_epoch(workdir: str, arm: str) -> int | None:
     """The arm's latest saved epoch, None without one (its folder is not created when missing)."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints", arm)):
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINTS_DIR, arm)):
         return None
     with _checkpoints(workdir, arm) as checkpoints:
         return checkpoints.latest_epoch()
-
-
-def _read_previous(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None  # none yet, or unreadable: evaluate afresh
 
 
 def _progress(message: str) -> None:
@@ -66,31 +55,26 @@ def _progress(message: str) -> None:
 
 
 class _Evaluator:
-    """The run's dataset, normalisation and model template, loaded once for several evaluations."""
+    """The run's experiment (dataset, normalisation, model template), built once for several evaluations."""
 
     def __init__(self, workdir: str, config):
-        from oat_jax import data, train
-        self.workdir, self.config, self._train = workdir, config, train
-        self.dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
-                                         image_size=config.image_size)
-        self.mean, self.std = train.normalisation_statistics(config, self.dataset)
-        model = train.cached_model(config.model, self.dataset.num_classes, config.dropout_rate)
-        self.template = train.create_replicas(model, self.dataset.train_images.shape[1:], config)
+        from oat_jax import train
+        from oat_jax.experiment import Experiment
+        self.workdir, self._train = workdir, train
+        self.experiment = Experiment.build(config)
 
     @property
     def test_samples(self) -> int:
-        return len(self.dataset.test_labels)
+        return len(self.experiment.dataset.test_labels)
 
     def restore(self, arm: str, epoch: int):
         with _checkpoints(self.workdir, arm) as checkpoints:
-            return checkpoints.restore(epoch, self.template)
+            return checkpoints.restore(epoch, self.experiment.template)
 
     def accuracies(self, states, decode: str, batch_size: int) -> list[float]:
-        """Per-seed test accuracy (%) of the states, decoded by ``decode``, in test batches of ``batch_size``
-        (0 = the whole test set)."""
-        config = self.config.copy_and_resolve_references()
-        config.eval_batch_size = batch_size or self.test_samples
-        return self._train.evaluate(states, self.dataset, config, self.mean, self.std, decodes=(decode,))[decode]
+        """Per-seed test accuracy (%) of the states, decoded by ``decode`` ("argmax" or "anchor"), in test
+        batches of ``batch_size`` (0 = the whole test set)."""
+        return self._train.evaluate(self.experiment, states, (decode,), batch_size or self.test_samples)[decode]
 
 
 def evaluate_batch_sizes(workdir: str, sizes=DEFAULT_SIZES) -> dict:
@@ -105,28 +89,29 @@ def evaluate_batch_sizes(workdir: str, sizes=DEFAULT_SIZES) -> dict:
     config = run_config(workdir)
     epochs = {arm: checkpoint_epoch(workdir, arm) for arm in ("oat", "ce")}
     if epochs["oat"] is None:
-        raise NoCheckpoint(f"{workdir} has no checkpoint of the OAT arm to evaluate (the run's method is "
-                           f"'{config.method}'; with 'both' or 'oat', OAT has not finished an epoch yet)")
-    path = os.path.join(workdir, RESULTS_FILE)
-    previous = _read_previous(path)
-    if not previous or previous.get("checkpoint_epochs") != epochs:
+        raise NoCheckpoint(f"{workdir} has no checkpoint of the OAT arm to evaluate (the run's arms are "
+                           f"'{config.arms}'; with an 'oat' arm, OAT has not finished an epoch yet)")
+    try:
+        previous = read_json(workdir, RESULTS_FILE, "none yet")
+    except WorkdirError:
+        previous = None  # none yet, or unreadable: evaluated afresh
+    if previous and previous.get("checkpoint_epochs") != epochs:
         previous = None  # from older checkpoints: evaluated afresh
     oat, ce = (dict(previous["oat"]), previous["ce"]) if previous else ({}, None)
     wanted = [size for size in sizes if str(size) not in oat]
     if previous and not wanted and (ce is not None or epochs["ce"] is None):
         return previous
-    from oat_jax import train
     evaluator = _Evaluator(workdir, config)
     if wanted:
         states = evaluator.restore("oat", epochs["oat"])
     for size in wanted:
         shown = size or f"{evaluator.test_samples} (the whole test set)"
         _progress(f"evaluating the OAT checkpoint of epoch {epochs['oat']} in test batches of {shown}")
-        oat[str(size)] = evaluator.accuracies(states, "oat", size)
+        oat[str(size)] = evaluator.accuracies(states, "anchor", size)
     if ce is None and epochs["ce"] is not None:
         _progress(f"evaluating the cross-entropy checkpoint of epoch {epochs['ce']}")
-        ce = evaluator.accuracies(evaluator.restore("ce", epochs["ce"]), "ce", config.eval_batch_size)
-    results = {"checkpoint_epochs": epochs, "seeds": train.replica_seeds(config),
+        ce = evaluator.accuracies(evaluator.restore("ce", epochs["ce"]), "argmax", config.eval_batch_size)
+    results = {"checkpoint_epochs": epochs, "seeds": evaluator.experiment.seeds,
                "test_samples": evaluator.test_samples, "oat": oat, "ce": ce}
-    write_json(path, results)
+    write_json(os.path.join(workdir, RESULTS_FILE), results)
     return results

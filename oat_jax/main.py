@@ -32,13 +32,13 @@ from oat_jax.disk_full import WorkdirFull  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
 from oat_jax.sharding import ShardingError  # noqa: E402
 from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
-from oat_jax.train import TrainingDiverged, WorkdirMismatch, request_stop, stop_requested, train_and_evaluate  # noqa: E402
-from oat_jax.workdir import WorkdirBusy  # noqa: E402
+from oat_jax.train import TrainingDiverged, request_stop, stop_requested, train_and_evaluate  # noqa: E402
+from oat_jax.workdir import WorkdirBusy, WorkdirMismatch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and summary.json.")
 
-_ARM_NAMES = {"ce": "cross-entropy", "oat": "OAT"}
+_ARM_NAMES = {"ce": "cross-entropy", "oat": "OAT"}  # other arms go by their objective's name
 
 
 def _fail(message: str, code: int = 2):
@@ -77,7 +77,7 @@ def _parse_flags(argv):
 
 
 def format_summary(summary: dict) -> str:
-    """The two arms side by side with the paper's figure, as a small text table."""
+    """The arms side by side with the paper's figure, as a small text table."""
     paper = summary.get("paper")
     lines = [f"test accuracy (%) on {summary['dataset']['name']} "
              f"({summary['dataset']['train_samples']} train / {summary['dataset']['test_samples']} test samples)",
@@ -85,13 +85,13 @@ def format_summary(summary: dict) -> str:
     for arm, result in summary["arms"].items():
         seeds = len(result["seeds"])
         if seeds == 1:
-            line = (f"{_ARM_NAMES[arm]:<15}{result['final_test_accuracy']:>8.2f}"
+            line = (f"{_ARM_NAMES.get(arm, arm):<15}{result['final_test_accuracy']:>8.2f}"
                     f"{result['best_test_accuracy']:>9.2f} ({result['best_epoch']:>3})")
         else:  # mean ± standard deviation over the seeds
-            line = (f"{_ARM_NAMES[arm]:<15}{result['final_test_accuracy']:>8.2f} ± "
+            line = (f"{_ARM_NAMES.get(arm, arm):<15}{result['final_test_accuracy']:>8.2f} ± "
                     f"{result['final_test_accuracy_std']:.2f}{result['best_test_accuracy']:>9.2f} ± "
                     f"{result['best_test_accuracy_std']:.2f} ({seeds} seeds)")
-        if paper:
+        if paper and arm in paper:
             line += f"{paper[arm]:>10.3f}"
         lines.append(line)
     if paper:

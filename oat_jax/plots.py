@@ -9,7 +9,6 @@ global matplotlib state (backend, open pyplot figures).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -23,8 +22,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
-from oat_jax.metrics_log import read_records
-from oat_jax.report import ReportError, read_workdir_json
+from oat_jax.workdir import METRICS_FILE, WorkdirError, read_config, read_json, read_records, replacing
 
 COLOURS = {"pretrain": "0.3", "ce": "tab:blue", "oat": "tab:orange"}
 NAMES = {"pretrain": "cross-entropy pre-training", "ce": "cross-entropy", "oat": "OAT"}
@@ -38,14 +36,14 @@ class Skip(Exception):
 
 @dataclass
 class Run:
-    """A run's config.json (a dict) and its metrics.jsonl records."""
+    """A run's config (``workdir.read_config``) and its metrics.jsonl records."""
     workdir: str
     config: dict
     records: list[dict]
 
     @property
     def pretrain_epochs(self) -> int:
-        return int(self.config.get("pretrain_epochs", 0))
+        return int(self.config["pretrain_epochs"])
 
     @property
     def first_seed(self) -> int:
@@ -63,9 +61,9 @@ class Run:
     def subtitle(self, seeds: bool = True) -> str:
         """The dataset and model, the paper's cell where the config names one, and (``seeds``) how the seeds
         are drawn."""
-        text = f"{self.config.get('dataset', '?')}, {self.config.get('model', '?')}"
-        paper = self.config.get("paper") or {}
-        if paper.get("table"):
+        text = f"{self.config['dataset']}, {self.config['model']}"
+        paper = self.config["paper"]
+        if paper["table"]:
             text += f" ({paper['table']}: {paper['setting']})"
         if not seeds:
             return text
@@ -86,16 +84,19 @@ class Run:
 
 
 def load_run(workdir: str) -> Run:
-    """The run in ``workdir``; ReportError if it has no config.json or no logged epoch yet."""
+    """The run in ``workdir``; WorkdirError (naming the workdir) if it has no config.json or no logged epoch."""
     if not os.path.isdir(workdir):
-        raise ReportError(f"{workdir} is not a folder")
-    config = read_workdir_json(os.path.join(workdir, "config.json"))
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise ReportError(f"{path} is missing: is {workdir} an oat_jax workdir of a started run?")
-    records = read_records(path)
-    if not records:
-        raise ReportError(f"{path} holds no finished epoch yet")
+        raise WorkdirError(f"{workdir} is not a folder")
+    try:
+        config = read_config(workdir)
+        path = os.path.join(workdir, METRICS_FILE)
+        if not os.path.exists(path):
+            raise WorkdirError(f"{METRICS_FILE} is missing: is this the workdir of a started run?")
+        records = read_records(path)
+        if not records:
+            raise WorkdirError(f"{METRICS_FILE} holds no finished epoch yet")
+    except WorkdirError as e:
+        raise WorkdirError(f"{workdir}: {e}") from None
     return Run(workdir, config, records)
 
 
@@ -152,8 +153,8 @@ def accuracy_figure(run: Run) -> Figure:
     fig = _figure()
     ax = fig.subplots()
     _draw_arms(ax, run, "test_accuracy")
-    paper = run.config.get("paper") or {}
-    if paper.get("table"):
+    paper = run.config["paper"]
+    if paper["table"]:
         for arm in ("ce", "oat"):
             ax.axhline(paper[arm], color=COLOURS[arm], linestyle=":", linewidth=1.5,
                        label=f"paper, {NAMES[arm]}: {paper[arm]:.3f}")
@@ -329,10 +330,11 @@ def _batch_size_results(run: Run, sizes, evaluate: bool) -> dict:
         except (eval_batch_sizes.NoCheckpoint, data.DatasetError) as e:
             raise Skip(str(e)) from None
     path = os.path.join(run.workdir, RESULTS_FILE)
-    if not os.path.exists(path):
-        raise Skip(f"{path} does not exist yet (run without --no-eval to evaluate the checkpoints)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return read_json(run.workdir, RESULTS_FILE,
+                         f"{path} does not exist yet (run without --no-eval to evaluate the checkpoints)")
+    except WorkdirError as e:
+        raise Skip(str(e)) from None
 
 
 def eval_batch_size_figure(run: Run, results: dict, sizes) -> Figure:
@@ -359,7 +361,7 @@ def eval_batch_size_figure(run: Run, results: dict, sizes) -> Figure:
         ax.axhline(ce.mean(), color=COLOURS["ce"], label=f"cross-entropy, checkpoint of epoch {epochs['ce']}")
         if len(ce) > 1:
             ax.axhspan(ce.min(), ce.max(), color=COLOURS["ce"], alpha=0.15, linewidth=0)
-    trained = run.config.get("eval_batch_size")
+    trained = run.config["eval_batch_size"]
     if trained:
         ax.axvline(min(trained, total), color="0.4", linestyle="--", linewidth=1,
                    label=f"test batch during training ({trained})")
@@ -380,9 +382,8 @@ FIGURES = (("accuracy.png", accuracy_figure), ("anchor_heatmap.png", anchor_heat
 
 def _save(fig: Figure, path: str) -> None:
     """Writes the PNG atomically: a viewer refreshing it never reads half a file."""
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def _draw(name: str, draw, out_dir: str) -> str | None:
@@ -400,7 +401,7 @@ def _draw(name: str, draw, out_dir: str) -> str | None:
 
 def write_plots(workdir: str, out_dir: str | None = None, sizes=DEFAULT_SIZES, evaluate: bool = True) -> list[str]:
     """Writes the run's figures (PNG) to ``out_dir`` (default ``<workdir>/plots``); returns their paths.
-    Raises ReportError when ``workdir`` holds no run."""
+    Raises WorkdirError when ``workdir`` holds no run."""
     run = load_run(workdir)
     out_dir = out_dir or os.path.join(workdir, "plots")
     os.makedirs(out_dir, exist_ok=True)
@@ -439,7 +440,7 @@ def main(argv: list[str]) -> int:
     try:
         for path in write_plots(args.workdir, args.out_dir, args.batch_sizes, evaluate=not args.no_eval):
             print(path)
-    except ReportError as e:
+    except WorkdirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,28 +2,27 @@
 paper's layout, a Markdown table per paper table with the paper's figures beside ours.
 
 Runs of one cell (several workdirs, or several seeds in one) are pooled into one row when their configs
-match apart from the seeds and cosmetic fields, and never count a seed twice: ours is the mean ± standard
-deviation of the final test accuracy over the row's seeds. A run that fits no row of its cell gets a row of
-its own, noting how it differs. A run that is not the paper's protocol in full (a sample limit, stand-in
-data, fewer or unfinished epochs) is flagged in the notes column, so that it is not read as a result. A
-folder without a readable summary.json and config.json is skipped with a note.
+match apart from the seeds and cosmetic fields (``workdir.identity``: an old ``method="both"`` and
+``arms="ce,oat"`` are one config), and never count a seed twice: ours is the mean ± standard deviation of
+the final test accuracy over the row's seeds. A run that fits no row of its cell gets a row of its own,
+noting how it differs. A run that is not the paper's protocol in full (a sample limit, stand-in data, fewer
+or unfinished epochs) is flagged in the notes column, so that it is not read as a result; an arm of another
+objective than cross-entropy and OAT is listed there too. A folder without a readable summary.json and
+config.json is skipped with a note.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 
+from oat_jax import workdir as workdir_lib
 from oat_jax.paper_figures import TABLE_ORDER
+from oat_jax.workdir import WorkdirError
 
 _OTHER = "Runs outside the paper's tables"
-
-
-class ReportError(ValueError):
-    """A workdir that cannot be reported; the message says why."""
 
 
 @dataclass
@@ -35,20 +34,8 @@ class Cell:
     paper: dict | None
     identity: dict  # the config fields that decide the results (_identity)
     seeds: set[str] = field(default_factory=set)
-    accuracies: dict[str, list[float]] = field(default_factory=lambda: {"ce": [], "oat": []})
+    accuracies: dict[str, list[float]] = field(default_factory=dict)  # per arm
     notes: list[str] = field(default_factory=list)
-
-
-def read_workdir_json(path: str, question_end: str = "?") -> dict:
-    """A JSON file of a workdir; ReportError naming it when missing (asking whether its folder is an
-    oat_jax workdir, the question ending with ``question_end``) or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ReportError(f"{path} is missing: is {os.path.dirname(path)} an oat_jax workdir{question_end}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path} is not valid JSON ({e})") from None
 
 
 def _run_notes(summary: dict, config: dict) -> list[str]:
@@ -63,7 +50,7 @@ def _run_notes(summary: dict, config: dict) -> list[str]:
     epochs, pretrain_epochs = _protocol(summary.get("paper"))
     if config["num_epochs"] < epochs:
         notes.append(f"{config['num_epochs']} of {epochs} epochs")
-    if config["pretrain_epochs"] < pretrain_epochs and config["method"] != "ce":  # "ce" alone: no OAT to start
+    if config["pretrain_epochs"] < pretrain_epochs and config["arms"] != "ce":  # "ce" alone: nothing branches
         notes.append(f"{config['pretrain_epochs']} of {pretrain_epochs} pre-training epochs")
     for arm, result in summary.get("arms", {}).items():
         if result["final_epoch"] < config["num_epochs"]:
@@ -76,23 +63,16 @@ def _run_notes(summary: dict, config: dict) -> list[str]:
 def _protocol(paper: dict | None) -> tuple[int, int]:
     """The paper's epochs and pre-training epochs for a cell: base_config()'s (Sec. 3.4), but a Table 3 cell
     ("5 pre-training epochs") varies the pre-training."""
-    defaults = _base_config()
+    defaults = workdir_lib.default_config()
     if paper and paper["table"] == "Table 3":
         return defaults["num_epochs"], int(paper["setting"].split()[0])
     return defaults["num_epochs"], defaults["pretrain_epochs"]
 
 
-def _base_config() -> dict:
-    from oat_jax import config_schema  # imports JAX: only when there is a run to report
-    return config_schema.base_config().to_dict()
-
-
 def _identity(config: dict) -> dict:
-    """The fields that decide a run's results: all but the seeds, the fields a run may resume with changed
-    (train.py's cosmetic ones) and the paper's figures (the cell's, already its key)."""
-    from oat_jax.train import _COSMETIC_FIELDS
-    ignored = {"seed", "num_seeds", "paper", *_COSMETIC_FIELDS}
-    return {k: v for k, v in config.items() if k not in ignored}
+    """The fields that decide a run's results (``workdir.identity``) but the seeds and the paper's figures
+    (the cell's, already its key)."""
+    return {k: v for k, v in workdir_lib.identity(config).items() if k not in ("seed", "num_seeds", "paper")}
 
 
 @dataclass
@@ -100,7 +80,7 @@ class Run:
     """One workdir: its summary and config, and each arm's final test accuracy per seed."""
     name: str
     summary: dict
-    config: dict  # complete: a field an older run predates had its base_config() default then
+    config: dict  # complete (workdir.read_config): a field an older run predates had its default then
     accuracies: dict[str, dict[str, float]]
 
     @property
@@ -108,31 +88,17 @@ class Run:
         return {seed for per_seed in self.accuracies.values() for seed in per_seed}
 
 
-def _read_json(workdir: str, name: str) -> dict:
-    try:
-        with open(os.path.join(workdir, name)) as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        why = " (an unfinished or refused run)" if name == "summary.json" else ""
-        raise ReportError(f"no {name}{why}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{name} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ReportError(f"{name} is not a JSON object")
-    return value
-
-
 def load_run(workdir: str) -> Run:
-    """The run in ``workdir``; ReportError saying why it cannot be reported."""
+    """The run in ``workdir``; WorkdirError saying why it cannot be reported."""
     if not os.path.isdir(workdir):
-        raise ReportError("not a folder")
-    summary, config = _read_json(workdir, "summary.json"), _read_json(workdir, "config.json")
+        raise WorkdirError("not a folder")
+    summary, config = workdir_lib.read_summary(workdir), workdir_lib.read_config(workdir)
     try:
         accuracies = {arm: {seed: float(per_seed["final_test_accuracy"]) for seed, per_seed in result["seeds"].items()}
                       for arm, result in summary.get("arms", {}).items()}
     except (AttributeError, KeyError, TypeError, ValueError):
-        raise ReportError("summary.json is not an oat_jax summary (no per-seed final accuracies)") from None
-    return Run(os.path.basename(os.path.normpath(workdir)), summary, {**_base_config(), **config}, accuracies)
+        raise WorkdirError("summary.json is not an oat_jax summary (no per-seed final accuracies)") from None
+    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies)
 
 
 def load_runs(workdirs: list[str]) -> tuple[list[Run], list[str]]:
@@ -141,7 +107,7 @@ def load_runs(workdirs: list[str]) -> tuple[list[Run], list[str]]:
     for workdir in workdirs:
         try:
             runs.append(load_run(workdir))
-        except ReportError as e:
+        except WorkdirError as e:
             skipped.append(f"{workdir}: {e}")
     return runs, skipped
 
@@ -200,7 +166,8 @@ def _table_rank(table: str) -> int:
 
 
 def format_markdown(cells: list[Cell]) -> str:
-    """A Markdown section per table: setting, the paper's and our accuracy without and with OAT, seeds."""
+    """A Markdown section per table: setting, the paper's and our accuracy without and with OAT, seeds; the
+    accuracy of an arm of another objective in the notes."""
     lines = ["# Test accuracy (%): the paper and this implementation", "",
              "Ours: final-epoch test accuracy, mean ± standard deviation over seeds where there are several."]
     for table in sorted({c.table for c in cells}, key=_table_rank):
@@ -208,9 +175,13 @@ def format_markdown(cells: list[Cell]) -> str:
                   "| setting | w/o OAT, paper | w/o OAT, ours | OAT, paper | OAT, ours | seeds | notes |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for cell in (c for c in cells if c.table == table):
-            paper_ce, paper_oat = (f"{cell.paper['ce']:.3f}", f"{cell.paper['oat']:.3f}") if cell.paper else ("–", "–")
-            lines.append(f"| {cell.setting} | {paper_ce} | {_ours(cell.accuracies['ce'])} | {paper_oat} | "
-                         f"{_ours(cell.accuracies['oat'])} | {len(cell.seeds)} | {'; '.join(cell.notes)} |")
+            paper_ce, paper_oat = ((f"{cell.paper['ce']:.3f}", f"{cell.paper['oat']:.3f}") if cell.paper
+                                   else ("–", "–"))
+            ce, oat = (_ours(cell.accuracies.get(arm, [])) for arm in ("ce", "oat"))
+            notes = [f"{arm}: {_ours(values)}" for arm, values in cell.accuracies.items()
+                     if arm not in ("ce", "oat")]  # an arm of another objective: not in the paper's tables
+            lines.append(f"| {cell.setting} | {paper_ce} | {ce} | {paper_oat} | {oat} | {len(cell.seeds)} | "
+                         f"{'; '.join(notes + cell.notes)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,11 @@
-"""The jitted, pure steps: one SGD step (cross-entropy or OAT), a whole fused epoch, and an evaluation step.
+"""The jitted, pure steps: an SGD step of any objective (``oat_jax.objectives``), many steps fused into one
+compiled loop, and an evaluation step.
 
 The training loop runs a stack of independent replicas (seeds) side by side in one compiled program: the
 ``*_replicas`` functions map the single-replica step over a leading replica axis of the state and of the
-batch, so every replica keeps its own parameters, data order and anchors. ``train_step`` is the same step
-for a single model, for use in one's own loop.
+batch, so every replica keeps its own parameters, data order and anchors. Each training step also adds
+itself to the epoch's metrics (a small pytree, ``new_metrics``) on the device, so the host reads them once an
+epoch. ``train_step`` is the step for a single model, for use in one's own loop.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
-from oat_jax import oat
+from oat_jax import oat, objectives
+from oat_jax.objectives import LossSettings
 
-_TRAIN_STATIC = ("objective", "variant", "anchor_gradient", "anchor_groups")
+_TRAIN_STATIC = ("objective", "settings")
 
 
 def _over_replicas(fn):
@@ -48,10 +51,6 @@ def normalise(images, mean, std):
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def _masked_mean(values, mask):
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-
 def _forward_train(state, params, images, mean, std):
     """Outputs in training mode, and the BatchNorm statistics this batch updates (unchanged without BN).
     Each step draws its dropout key from the replica's key and the step number, so a resumed run draws
@@ -63,78 +62,123 @@ def _forward_train(state, params, images, mean, std):
     return outputs, updates.get("batch_stats", state.batch_stats)
 
 
-def _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient, anchor_groups=1):
+def _sgd_step(state, images, labels, mask, mean, std, objective: str, settings: LossSettings):
+    """One SGD step of ``objective``: the new state, the batch's mean loss over its real rows and the batch
+    anchor of its outputs (for every objective: telemetry, compared across arms)."""
     def loss_fn(params):
         outputs, batch_stats = _forward_train(state, params, images, mean, std)
-        if objective == "ce":
-            loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels), mask)
-        else:
-            losses = oat.grouped_oat_loss(outputs, labels, mask, groups=anchor_groups, variant=variant,
-                                          anchor_gradient=anchor_gradient)
-            # Divided before summed, as the loss reduced itself before it returned per-example values: the same
-            # float rounding, so runs keep their earlier results.
-            loss = jnp.sum(jnp.where(mask, losses / jnp.maximum(jnp.sum(mask), 1), 0.0))
-        return loss, (oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask), batch_stats)
+        losses = objectives.get(objective).loss(outputs, labels, mask, settings)
+        # Divided before summed: large OAT targets cannot overflow the sum.
+        loss = jnp.sum(jnp.where(mask, losses / jnp.maximum(jnp.sum(mask), 1), 0.0))
+        anchor = oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=settings.variant, where=mask)
+        return loss, (anchor, batch_stats)
 
     (loss, (anchor, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, anchor
 
 
-@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("objective", "variant", "anchor_gradient", "anchor_groups"),
+                   donate_argnums=0)
 def train_step(state, images, labels, mask, mean, std, *, objective: str, variant: str = "released",
                anchor_gradient: bool | None = None, anchor_groups: int = 1):
-    """One SGD step on a batch (B, H, W, C) uint8 with labels (B,) and mask (B,) of real rows.
-    ``objective`` is "ce" (cross-entropy) or "oat"; ``anchor_groups`` > 1 gives each of that many equal
-    groups of the batch its own anchor (``grouped_oat_loss``).
+    """One SGD step of a single model, for use in one's own loop, on a batch (B, H, W, C) uint8 with labels
+    (B,) and a mask (B,) of real rows; ``objective`` names an entry of ``oat_jax.objectives`` ("ce", "oat").
 
     Returns the new state, the batch loss, and the batch's anchor (C,), computed inside the step from the
     batch's own outputs (for "ce" only as telemetry).
     """
-    return _sgd_step(state, images, labels, mask, mean, std, objective, variant, anchor_gradient, anchor_groups)
+    return _sgd_step(state, images, labels, mask, mean, std, objective,
+                     LossSettings(variant, anchor_gradient, anchor_groups))
+
+
+# An epoch's running metrics, per replica: accumulated inside the steps, read once the epoch is over.
+SAMPLED_STEPS = 5  # steps of each epoch whose batch anchor is kept, evenly spread
+_NO_STEP = -1
+
+
+def new_metrics(replicas: int, num_classes: int) -> dict:
+    """The metrics of an epoch not yet begun, for K replicas (host arrays; the first step places them)."""
+    zeros = functools.partial(np.zeros, dtype=np.float32)
+    return {"steps": np.zeros(replicas, np.int32), "rows": np.zeros(replicas, np.int32),
+            "loss_sum": zeros(replicas), "anchor_sum": zeros((replicas, num_classes)),
+            "max_target": np.ones(replicas, np.float32),  # |-1|, the smallest any target reaches
+            "sampled_anchors": zeros((replicas, SAMPLED_STEPS, num_classes)),
+            "first_bad_step": np.full(replicas, _NO_STEP, np.int32), "bad_loss": zeros(replicas),
+            "bad_anchor": zeros((replicas, num_classes))}
+
+
+def sampled_steps(count: int) -> np.ndarray:
+    """Which steps (0-based) of an epoch of ``count`` keep their anchor: SAMPLED_STEPS, evenly spread (a
+    short epoch repeats some)."""
+    return np.linspace(0, count - 1, SAMPLED_STEPS).round().astype(np.int32)
+
+
+def _accumulate(metrics, loss, anchor, labels, mask, sample_at, uses_anchor: bool):
+    rows = jnp.sum(mask).astype(jnp.int32)
+    step = metrics["steps"]
+    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(anchor))
+    first_bad = (metrics["first_bad_step"] == _NO_STEP) & ~finite
+    updated = {
+        "steps": step + 1, "rows": metrics["rows"] + rows,
+        "loss_sum": metrics["loss_sum"] + loss * rows, "anchor_sum": metrics["anchor_sum"] + anchor * rows,
+        "sampled_anchors": jnp.where((sample_at == step)[:, None], anchor, metrics["sampled_anchors"]),
+        "first_bad_step": jnp.where(first_bad, step, metrics["first_bad_step"]),
+        "bad_loss": jnp.where(first_bad, loss, metrics["bad_loss"]),
+        "bad_anchor": jnp.where(first_bad, anchor, metrics["bad_anchor"]),
+        "max_target": metrics["max_target"]}
+    if uses_anchor:  # the label entries' 1/a_y - 1; the others' targets are -1
+        label_anchor = jnp.maximum(anchor, oat.ANCHOR_FLOOR)[labels]
+        largest = jnp.max(jnp.where(mask, 1.0 / label_anchor - 1.0, 0.0))
+        updated["max_target"] = jnp.maximum(metrics["max_target"], largest)
+    return updated
+
+
+def _step_with_metrics(state, metrics, images, labels, mask, sample_at, mean, std, objective, settings):
+    state, loss, anchor = _sgd_step(state, images, labels, mask, mean, std, objective, settings)
+    uses_anchor = objectives.get(objective).uses_anchor
+    return state, _accumulate(metrics, loss, anchor, labels, mask, sample_at, uses_anchor)
 
 
 @functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
-def train_step_replicas(states, images, labels, masks, mean, std, *, objective: str, variant: str = "released",
-                        anchor_gradient: bool | None = None, anchor_groups: int = 1):
-    """``train_step`` for K replicas at once: states and batches carry a leading axis K
-    (images (K, B, H, W, C), labels and masks (K, B)); returns losses (K,) and anchors (K, C)."""
-    step = functools.partial(_sgd_step, mean=mean, std=std, objective=objective, variant=variant,
-                             anchor_gradient=anchor_gradient, anchor_groups=anchor_groups)
-    return _over_replicas(step)(states, images, labels, masks)
+def train_step_replicas(states, metrics, images, labels, masks, sample_at, mean, std, *, objective: str,
+                        settings: LossSettings = LossSettings()):
+    """One step of K replicas at once: states, metrics and batches carry a leading axis K (images
+    (K, B, H, W, C), labels and masks (K, B)). Returns the states and the metrics with this step added."""
+    step = functools.partial(_step_with_metrics, sample_at=sample_at, mean=mean, std=std, objective=objective,
+                             settings=settings)
+    return _over_replicas(step)(states, metrics, images, labels, masks)
 
 
-@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC + ("batch_size", "batch_sharding"), donate_argnums=0)
-def train_epoch_fused(states, images, labels, orders, num_real, mean, std, *, objective: str, batch_size: int,
-                      variant: str = "released", anchor_gradient: bool | None = None, anchor_groups: int = 1,
-                      batch_sharding=None):
-    """A whole epoch of K replicas as one compiled loop over device-resident data (N, H, W, C) / (N,).
+@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC + ("batch_size", "num_steps", "batch_sharding"),
+                   donate_argnums=0)
+def train_steps_on_device(states, metrics, images, labels, orders, first_step, num_real, sample_at, mean, std, *,
+                          objective: str, batch_size: int, num_steps: int, settings: LossSettings = LossSettings(),
+                          batch_sharding=None):
+    """``num_steps`` steps of K replicas from ``first_step`` on, as one compiled loop over device-resident
+    data (N, H, W, C) / (N,): the same step as ``train_step_replicas``, its batches gathered on the device.
 
     ``orders`` (K, S·B) holds each replica's sample order padded to S whole batches; positions >= num_real
-    are masked. The same steps as ``train_step_replicas``, without one dispatch per step. With the data
-    replicated on several devices, ``batch_sharding`` (``sharding.batch_sharding``) makes each device gather
-    and train on its own slice of every batch. Returns the states and per-step losses (S, K), anchors
-    (S, K, C) and real-row counts (S, K).
+    are masked. With the data replicated on several devices, ``batch_sharding`` (``sharding.batch_sharding``)
+    makes each device gather and train on its own slice of every batch.
     """
-    step = functools.partial(_sgd_step, mean=mean, std=std, objective=objective, variant=variant,
-                             anchor_gradient=anchor_gradient, anchor_groups=anchor_groups)
+    step = functools.partial(_step_with_metrics, sample_at=sample_at, mean=mean, std=std, objective=objective,
+                             settings=settings)
 
     def split(batch):  # without it XLA would run the whole batch on every device
         return batch if batch_sharding is None else jax.lax.with_sharding_constraint(batch, batch_sharding)
 
-    def body(states, batch):
+    def body(carry, batch):
         index = jax.lax.dynamic_slice_in_dim(orders, batch * batch_size, batch_size, axis=1)  # (K, B)
-        mask = batch * batch_size + jnp.arange(batch_size) < num_real
-        masks = split(jnp.broadcast_to(mask, index.shape))
-        states, losses, anchors = _over_replicas(step)(states, split(images[index]), split(labels[index]), masks)
-        return states, (losses, anchors, jnp.sum(masks, axis=1))
+        masks = split(jnp.broadcast_to(batch * batch_size + jnp.arange(batch_size) < num_real, index.shape))
+        return _over_replicas(step)(*carry, split(images[index]), split(labels[index]), masks), None
 
-    return jax.lax.scan(body, states, jnp.arange(orders.shape[1] // batch_size))
+    return jax.lax.scan(body, (states, metrics), first_step + jnp.arange(num_steps))[0]
 
 
 def _correct(state, images, labels, mask, mean, std, variant, decodes):
     outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
-    predictions = {"ce": lambda: jnp.argmax(outputs, axis=-1),
-                   "oat": lambda: oat.predict(outputs, variant=variant, where=mask)}
+    predictions = {"argmax": lambda: jnp.argmax(outputs, axis=-1),
+                   "anchor": lambda: oat.predict(outputs, variant=variant, where=mask)}
     counts = {}
     for name in decodes:
         predicted = predictions[name]()
@@ -145,10 +189,10 @@ def _correct(state, images, labels, mask, mean, std, variant, decodes):
 
 @functools.partial(jax.jit, static_argnames=("variant", "decodes"))
 def eval_step_replicas(states, images, labels, masks, mean, std, *, variant: str = "released",
-                       decodes: tuple[str, ...] = ("ce", "oat")):
+                       decodes: tuple[str, ...] = ("argmax", "anchor")):
     """Correct predictions among the real rows of each replica's test batch (K replicas, leading axis K),
-    for each decoding in ``decodes``: "ce" = argmax of the outputs; "oat" = argmax of a_test * (z + 1) with
-    the batch's own anchor. Counts of shape (K,), and under "<decode>_per_class" the number of predictions
+    for each decoding in ``decodes``: "argmax" of the outputs; "anchor" = argmax of a_test * (z + 1) with
+    the batch's own anchor (OAT's). Counts of shape (K,), and under "<decode>_per_class" the number of predictions
     of each class (K, C)."""
     correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes)
     return _over_replicas(correct)(states, images, labels, masks)

@@ -1,49 +1,57 @@
-"""Two-phase training: cross-entropy pre-training, then the cross-entropy and OAT arms, with Orbax
-checkpoints every epoch and a resumable record of metrics.
+"""The training loop: a shared cross-entropy pre-training, then every arm of the experiment (an objective of
+``oat_jax.objectives``, ``config.arms``) continued from it to ``num_epochs``, with Orbax checkpoints and a
+line of ``metrics.jsonl`` per arm, epoch and seed.
 
-``method="both"`` trains the shared pre-training once, saves it, continues it with cross-entropy to
-``num_epochs`` (the baseline arm), and branches the OAT arm from the saved pre-trained state.
+The pre-training is trained once and saved; the arm named "ce" continues its optimiser state, every other
+arm starts from the saved pre-trained state (with a fresh optimiser under ``reset_momentum``). A run resumes
+exactly from where it stopped, part-way through an epoch included.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import threading
 import time
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from oat_jax import config_schema, data, dispatch, distributed, input_pipeline, models, oat, sharding, steps
-from oat_jax import state as state_lib
-from oat_jax.checkpoints import ArmCheckpoints
-from oat_jax.metrics_log import MetricsLog, summarise, write_json
+from oat_jax import dispatch, distributed, oat, objectives, sharding, steps
+from oat_jax import workdir as workdir_lib
+from oat_jax.checkpoints import ArmCheckpoints, ResumePoint
+from oat_jax.experiment import Experiment
 from oat_jax.tensorboard import TensorBoardLog
-from oat_jax.workdir import WorkdirBusy, hold_lock
+from oat_jax.workdir import MetricsLog, WorkdirBusy, WorkdirMismatch, hold_lock, summarise, write_json
 
-# How many steps of each epoch have their batch anchor recorded, evenly spread.
-_SAMPLED_STEPS = 5
-
-# Fields that may differ between a run and its resumption without changing its results.
-_COSMETIC_FIELDS = ("progress", "distributed", "steps_in_flight", "stall_timeout_seconds")
+PRETRAIN = "pretrain"  # the arm name of the shared pre-training
 
 # With several processes, how many steps apart they agree on whether to stop (each agreement waits for the
 # devices, so not at every step).
 _STOP_CHECK_STEPS = 10
 
-
 _STOP = threading.Event()
+
+# Seconds this process has spent tracing and compiling (JAX's own events): an epoch's share is logged beside
+# its time, so a first epoch's compilation is not read as a slow epoch.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compiling = [0.0]
+
+
+def _count_compilation(event: str, seconds: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compiling[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 
 
 def request_stop() -> None:
     """Asks a running ``train_and_evaluate`` to stop at its next step (from a signal handler, say); it then
-    raises KeyboardInterrupt with every finished epoch checkpointed."""
+    raises KeyboardInterrupt with its progress checkpointed."""
     _STOP.set()
 
 
@@ -56,63 +64,80 @@ def _stop_agreed() -> bool:
     return distributed.any_process(_STOP.is_set())
 
 
-def _stop_if_requested() -> None:
-    if _stop_agreed():
-        raise KeyboardInterrupt
-
-
 class TrainingDiverged(RuntimeError):
     """The loss became non-finite; the message names arm, epoch and step and the likely cause."""
 
 
-class WorkdirMismatch(RuntimeError):
-    """The workdir holds a run made with another configuration."""
+class EpochStopped(KeyboardInterrupt):
+    """A stop request arrived part-way through an epoch: ``point`` is where a rerun resumes it."""
+
+    def __init__(self, point: ResumePoint):
+        super().__init__()
+        self.point = point
 
 
-# Kept here too: the benchmarks and tests build states through ``train``.
-cached_model = state_lib.cached_model
-create_train_state = state_lib.create_train_state
-create_replicas = state_lib.create_replicas
-replica_seeds = state_lib.replica_seeds
-
-# ImageNet's per-channel mean and standard deviation, for models pretrained on it (torchvision's values).
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+def _divergence_hint(objective, config):
+    if objectives.get(objective).uses_anchor and config.variant == "paper":
+        return ("the paper variant's anchor softmax(mean z) underflows when the outputs spread apart, and its "
+                "targets 1/a - 1 explode; lower learning_rate or use variant='released'")
+    return "the learning rate is likely too high for this model; lower learning_rate"
 
 
-def normalisation_statistics(config, dataset: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """The per-channel mean and std that the steps standardise images with."""
-    if config.normalisation == "imagenet":
-        if dataset.train_images.shape[-1] != 3:
-            raise data.DatasetError(f"normalisation 'imagenet' needs RGB images; {dataset.name} has "
-                                    f"{dataset.train_images.shape[-1]} channel(s)")
-        return IMAGENET_MEAN, IMAGENET_STD
-    return input_pipeline.channel_statistics(dataset.train_images)
+def train_epoch(exp: Experiment, states, epoch: int, objective: str, arm: str, resume: ResumePoint | None = None):
+    """One pass over the training set for every replica: (states, metrics on the host, ``steps.new_metrics``'
+    keys). ``resume`` continues an epoch stopped part-way, which this raises as EpochStopped on a stop request.
+
+    With the training set on the devices (``fused_epoch``) the epoch runs as one compiled loop; otherwise
+    step by step from host memory, with a progress bar. Both run the same step on the same batches."""
+    config, count = exp.config, exp.steps_per_epoch()
+    orders, sample_at = exp.epoch_orders(epoch), steps.sampled_steps(count)
+    done, metrics = (resume.steps_done, resume.metrics) if resume else (0, exp.new_metrics())
+    states = resume.states if resume else states
+    metrics = sharding.place_states(metrics, exp.mesh)
+    if exp.on_device is not None:
+        states, metrics = exp.train_steps_on_device(states, metrics, *exp.on_device, orders, done,
+                                                    len(exp.dataset.train_labels), sample_at, objective=objective,
+                                                    num_steps=count - done)
+    else:
+        progress = tqdm(total=count, initial=done, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
+                        disable=None if config.progress and distributed.is_primary() else True, file=sys.stderr)
+        check_every = 1 if jax.process_count() == 1 else _STOP_CHECK_STEPS
+        in_flight = dispatch.InFlight(config.steps_in_flight)
+        for number, batch in enumerate(exp.train_batches(orders, done), done + 1):
+            states, metrics = exp.train_step(states, metrics, *exp.place(batch), sample_at, objective=objective)
+            in_flight.add(metrics["steps"], lambda number=number: f"training of arm '{arm}', epoch {epoch}, step "
+                                                                  f"{number} of {count}")
+            progress.update()
+            if number < count and (number - done) % check_every == 0 and _stop_agreed():
+                progress.close()
+                raise EpochStopped(ResumePoint(epoch - 1, number, states, metrics))
+        progress.close()
+        in_flight.drain()
+    metrics = sharding.to_host(metrics)
+    bad = np.flatnonzero(metrics["first_bad_step"] >= 0)
+    if bad.size:
+        k = bad[0]
+        raise TrainingDiverged(
+            f"training diverged: arm '{arm}', epoch {epoch}, step {metrics['first_bad_step'][k] + 1} of {count}"
+            + (f", seed {exp.seeds[k]}" if len(exp.seeds) > 1 else "")
+            + f" has a non-finite loss or anchor (loss {metrics['bad_loss'][k]}, anchor entries "
+            f"{np.round(metrics['bad_anchor'][k, :4], 6).tolist()}...); {_divergence_hint(objective, config)}. "
+            "The last good checkpoint is kept.")
+    return states, metrics
 
 
-def _replica_batches(images, labels, orders, batch_size):
-    """Lockstep batches of K replicas, each in its own order: (K, B, ...) images, (K, B) labels and masks in
-    host memory (place them with ``sharding.place_batch``)."""
-    for parts in zip(*(input_pipeline.batches(images, labels, order, batch_size) for order in orders)):
-        yield tuple(np.stack(arrays) for arrays in zip(*parts))
-
-
-def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes: tuple[str, ...] = ("ce", "oat")):
-    """Per decoding, each replica's test accuracy (%) over every test sample, in batches of
-    ``eval_batch_size``, and its share of predictions per class: ({decode: [accuracy of replica k]},
-    {decode: (K, C) array of fractions})."""
-    orders = [input_pipeline.eval_order(len(dataset.test_labels), seed, config.shuffle_eval)
-              for seed in replica_seeds(config)]
-    mesh = sharding.data_mesh()
-    in_flight, counts = dispatch.InFlight(config.steps_in_flight), []
-    batches = _replica_batches(dataset.test_images, dataset.test_labels, orders, config.eval_batch_size)
-    for number, batch in enumerate(batches, 1):
-        counts.append(steps.eval_step_replicas(states, *sharding.place_batch(batch, mesh), mean, std,
-                                               variant=config.variant, decodes=decodes))
+def evaluate_in_detail(exp: Experiment, states, decodes: tuple[str, ...] = ("argmax", "anchor"),
+                       batch_size: int | None = None):
+    """Per decoding ("argmax", "anchor": OAT's), each replica's test accuracy (%) over every test sample, in
+    batches of ``batch_size`` (default ``eval_batch_size``), and its share of predictions per class:
+    ({decode: [accuracy of replica k]}, {decode: (K, C) array of fractions})."""
+    in_flight, counts = dispatch.InFlight(exp.config.steps_in_flight), []
+    for number, batch in enumerate(exp.test_batches(batch_size or exp.config.eval_batch_size), 1):
+        counts.append(exp.eval_step(states, *exp.place(batch), decodes=decodes))
         in_flight.add(counts[-1], lambda number=number: f"evaluation (test batch {number})")
     in_flight.drain()
     counts = sharding.to_host(counts)
-    total = len(dataset.test_labels)
+    total = len(exp.dataset.test_labels)
     accuracies, shares = {}, {}
     for name in decodes:
         accuracies[name] = [100.0 * int(c) / total for c in np.sum([batch[name] for batch in counts], axis=0)]
@@ -120,225 +145,59 @@ def evaluate_in_detail(states, dataset: data.Dataset, config, mean, std, decodes
     return accuracies, shares
 
 
-def evaluate(states, dataset: data.Dataset, config, mean, std,
-             decodes: tuple[str, ...] = ("ce", "oat")) -> dict[str, list[float]]:
-    """Test accuracy (%) of each replica over every test sample, in batches of ``eval_batch_size``,
-    per decoding: {decode: [accuracy of replica k]}."""
-    return evaluate_in_detail(states, dataset, config, mean, std, decodes)[0]
+def evaluate(exp: Experiment, states, decodes: tuple[str, ...] = ("argmax", "anchor"),
+             batch_size: int | None = None) -> dict[str, list[float]]:
+    """Test accuracy (%) of each replica per decoding: {decode: [accuracy of replica k]}."""
+    return evaluate_in_detail(exp, states, decodes, batch_size)[0]
 
 
-def _divergence_hint(objective, config):
-    if objective == "oat" and config.variant == "paper":
-        return ("the paper variant's anchor softmax(mean z) underflows when the outputs spread apart, and its "
-                "targets 1/a - 1 explode; lower learning_rate or use variant='released'")
-    return "the learning rate is likely too high for this model; lower learning_rate"
+def _epoch_records(exp: Experiment, arm, epoch, objective, metrics, accuracies, shares, seconds,
+                   compile_seconds) -> list[dict]:
+    """The lines of metrics.jsonl of one epoch, one per seed: its loss and accuracy, and the telemetry of its
+    anchors (the cross-entropy arms compute the same batch anchor, unused by their loss, to compare)."""
+    sampled, first = np.unique(steps.sampled_steps(exp.steps_per_epoch()), return_index=True)
+    records = []
+    for k, seed in enumerate(exp.seeds):
+        rows = float(metrics["rows"][k])
+        anchor = metrics["anchor_sum"][k] / rows
+        record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": objective,
+                  "train_loss": float(metrics["loss_sum"][k] / rows), "test_accuracy": accuracies[k],
+                  "epoch_seconds": seconds, "compile_seconds": compile_seconds, "anchor": [float(a) for a in anchor],
+                  "prediction_share": [float(p) for p in shares[k]],
+                  "step_anchors": [{"step": int(step) + 1,
+                                    "anchor": [float(a) for a in metrics["sampled_anchors"][k, i]]}
+                                   for step, i in zip(sampled, first)]}
+        record.update({f"anchor_{key}": float(value) for key, value in oat.anchor_statistics(anchor).items()})
+        if objectives.get(objective).uses_anchor:
+            record["max_target"] = float(metrics["max_target"][k])
+        records.append(record)
+    return records
 
 
-class EpochResult(NamedTuple):
-    """What one training epoch of K replicas gives: the new states; each replica's mean loss (K,) and mean
-    anchor (K, C); the largest OAT target magnitude |onehot(y) / a - 1| met (K,); and a few steps' anchors,
-    (step numbers (S',), anchors (S', K, C)), for telemetry."""
-    states: Any
-    losses: np.ndarray
-    anchors: np.ndarray
-    max_targets: np.ndarray
-    sampled_steps: np.ndarray
-    sampled_anchors: np.ndarray
-
-
-def _max_targets(anchors, labels, masks):
-    """Largest |target| per replica: the label entries' 1/a_y - 1 (at least 1, the others' |-1|).
-    anchors (S, K, C); labels and masks (S, K, B)."""
-    floored = np.maximum(anchors, oat.ANCHOR_FLOOR)
-    label_anchor = np.take_along_axis(floored, labels.astype(np.int64), axis=2)  # (S, K, B)
-    largest = np.where(masks, 1.0 / label_anchor - 1.0, 0.0).max(axis=(0, 2))
-    return np.maximum(largest, 1.0)
-
-
-class EpochStopped(KeyboardInterrupt):
-    """A stop request arrived part-way through an epoch: ``partial`` = (steps done, states, records) is what
-    a rerun needs to finish the epoch as if nothing had happened."""
-
-    def __init__(self, partial):
-        super().__init__()
-        self.partial = partial
-
-
-_RECORD_NAMES = ("losses", "anchors", "weights", "labels", "masks")
-
-
-def train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device=None,
-                resume=None) -> EpochResult:
-    """One pass over the training set for every replica (see EpochResult). ``resume`` = (steps done,
-    states, records) continues an epoch stopped part-way (EpochStopped), which this raises on a stop request.
-
-    With ``on_device`` = (images, labels) already on the device, the epoch runs as one compiled loop
-    (``steps.train_epoch_fused``); otherwise step by step from host memory, with a progress bar."""
-    seeds = replica_seeds(config)
-    orders = [input_pipeline.epoch_order(len(dataset.train_labels), seed, epoch) for seed in seeds]
-    count = input_pipeline.num_batches(len(orders[0]), config.batch_size)
-    if on_device is not None:
-        padding = count * config.batch_size - len(orders[0])
-        padded = np.stack([np.concatenate([order, np.full(padding, order[0])]) for order in orders])
-        mesh = sharding.data_mesh()
-        states, (losses, anchors, weights) = steps.train_epoch_fused(
-            states, *on_device, padded.astype(np.int32), len(orders[0]), mean, std, objective=objective,
-            batch_size=config.batch_size, variant=config.variant, anchor_gradient=config.anchor_gradient,
-            anchor_groups=sharding.anchor_groups(config, mesh), batch_sharding=sharding.batch_sharding(mesh))
-        shape = (len(seeds), count, config.batch_size)
-        labels = np.swapaxes(dataset.train_labels[padded].reshape(shape), 0, 1)  # (S, K, B)
-        real = np.arange(count * config.batch_size).reshape(count, 1, config.batch_size) < len(orders[0])
-        masks = np.broadcast_to(real, labels.shape)
-    else:
-        done, records = 0, {name: [] for name in _RECORD_NAMES}
-        if resume is not None:
-            done, states, saved = resume
-            records = {name: list(saved[name]) for name in _RECORD_NAMES}
-        losses, anchors, weights, labels_seen, masks_seen = (records[name] for name in _RECORD_NAMES)
-        progress = tqdm(total=count, initial=done, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
-                        disable=None if config.progress and distributed.is_primary() else True, file=sys.stderr)
-        mesh = sharding.data_mesh()
-        groups = sharding.anchor_groups(config, mesh)
-        check_every = 1 if jax.process_count() == 1 else _STOP_CHECK_STEPS
-        in_flight = dispatch.InFlight(config.steps_in_flight)
-        remaining = [order[done * config.batch_size:] for order in orders]
-        for images, labels, masks in _replica_batches(dataset.train_images, dataset.train_labels, remaining,
-                                                      config.batch_size):
-            # The records below keep the host copies: no device work or transfer for them.
-            placed = sharding.place_batch((images, labels, masks), mesh)
-            states, loss, anchor = steps.train_step_replicas(states, *placed, mean, std,
-                                                             objective=objective, variant=config.variant,
-                                                             anchor_gradient=config.anchor_gradient,
-                                                             anchor_groups=groups)
-            losses.append(loss)
-            in_flight.add(loss, lambda step=len(losses): f"training of arm '{arm}', epoch {epoch}, step {step} of "
-                                                         f"{count}")
-            anchors.append(anchor)
-            weights.append(masks.sum(axis=1))
-            labels_seen.append(labels)
-            masks_seen.append(masks)
-            progress.update()
-            if len(losses) < count and (len(losses) - done) % check_every == 0 and _stop_agreed():
-                progress.close()
-                raise EpochStopped((len(losses), states, {name: np.stack(sharding.to_host(records[name]))
-                                                          for name in _RECORD_NAMES}))
-        progress.close()
-        in_flight.drain()
-        losses, anchors, weights = jnp.stack(losses), jnp.stack(anchors), np.stack(weights)
-        labels, masks = np.stack(labels_seen), np.stack(masks_seen)
-    losses = np.asarray(sharding.to_host(losses), dtype=np.float64)  # (steps, K)
-    anchors = np.asarray(sharding.to_host(anchors), dtype=np.float64)  # (steps, K, C)
-    bad = np.argwhere(~np.isfinite(losses) | ~np.isfinite(anchors).all(axis=-1))
-    if bad.size:
-        step, replica = bad[0]
-        raise TrainingDiverged(
-            f"training diverged: arm '{arm}', epoch {epoch}, step {step + 1} of {count}"
-            + (f", seed {seeds[replica]}" if len(seeds) > 1 else "")
-            + f" has a non-finite loss or anchor (loss {losses[step, replica]}, anchor entries "
-            f"{np.round(anchors[step, replica, :4], 6).tolist()}...); {_divergence_hint(objective, config)}. "
-            "The last good checkpoint is kept.")
-    weights = np.asarray(sharding.to_host(weights), dtype=np.float64)  # (steps, K); on the device when fused
-    mean_losses = np.sum(losses * weights, axis=0) / np.sum(weights, axis=0)
-    mean_anchors = np.einsum("sk,skc->kc", weights, anchors) / np.sum(weights, axis=0)[:, None]
-    sampled = np.unique(np.linspace(0, count - 1, min(count, _SAMPLED_STEPS)).round().astype(int))
-    return EpochResult(states, mean_losses, mean_anchors, _max_targets(anchors, labels, masks), sampled + 1,
-                       anchors[sampled])
-
-
-def arms_of(method: str) -> list[str]:
-    return {"both": ["ce", "oat"], "ce": ["ce"], "oat": ["oat"]}[method]
-
-
-def _identity(config: dict) -> dict:
-    """The fields that decide a run's results (a config's ``to_dict()`` or a saved config.json)."""
-    return {k: v for k, v in config.items() if k not in _COSMETIC_FIELDS}
-
-
-def _check_workdir(workdir, config) -> None:
-    """Refuses a workdir holding a run (checkpoints or metrics) made with another config; reads only."""
-    path = os.path.join(workdir, "config.json")
-    trained = any(os.path.exists(os.path.join(workdir, name)) for name in ("checkpoints", "metrics.jsonl"))
-    if not (trained and os.path.exists(path)):
-        return  # nothing trained here yet: the new config takes the folder
-    with open(path) as f:
-        saved = _identity(json.load(f))
-    current = _identity(config.to_dict())
-    # A field the saved run predates had its default value then: only a different value is a change.
-    defaults = config_schema.base_config().to_dict()
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
-    if changed:
-        raise WorkdirMismatch(
-            f"workdir {workdir} holds a run with a different config (fields: {', '.join(changed)}); "
-            f"rerun with the same config to resume it, or pass a new --workdir to start fresh")
-
-
-def _record_config(workdir, config) -> None:
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) == _identity(config.to_dict()):
-                return  # a resumed run leaves its record as it was
-    os.makedirs(workdir, exist_ok=True)
-    write_json(path, _identity(config.to_dict()))
-
-
-def _check_inputs(config, dataset: data.Dataset) -> None:
-    """What the config asks of this dataset and model, checked before anything is written or built."""
-    samples = len(dataset.train_labels)
-    if config.batch_size > samples:
-        raise config_schema.ConfigError(
-            f"batch_size {config.batch_size} is larger than the training set ({samples} samples); "
-            f"use --config.batch_size={samples} or less")
-    shape = dataset.train_images.shape[1:]
-    problem = models.input_problem(config.model, dataset.num_classes, config.dropout_rate, shape)
-    if problem:
-        raise config_schema.ConfigError(
-            f"model '{config.model}' cannot take {'x'.join(map(str, shape))} images: {problem}; "
-            + ("choose another --config.image_size" if config.image_size else "set --config.image_size to a size "
-               "it takes"))
-
-
-def _epoch_record(arm, epoch, seed, objective, result: EpochResult, k, accuracy, share, seconds) -> dict:
-    """One line of metrics.jsonl: the epoch's loss and accuracy, and the telemetry of its anchors (the
-    cross-entropy arms compute the same batch anchor, unused by their loss, to compare with OAT's)."""
-    record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": objective,
-              "train_loss": float(result.losses[k]), "test_accuracy": accuracy, "epoch_seconds": seconds,
-              "anchor": [float(a) for a in result.anchors[k]],
-              "prediction_share": [float(p) for p in share],
-              "step_anchors": [{"step": int(step), "anchor": [float(a) for a in anchor[k]]}
-                               for step, anchor in zip(result.sampled_steps, result.sampled_anchors)]}
-    record.update({f"anchor_{key}": float(value) for key, value in oat.anchor_statistics(result.anchors[k]).items()})
-    if objective == "oat":
-        record["max_target"] = float(result.max_targets[k])
-    return record
-
-
-def _run_phase(states, dataset, config, arm, objective, first_epoch, last_epoch, checkpoints, log, mean, std,
-               report, on_device):
-    """Trains epochs first_epoch..last_epoch of one arm, checkpointing and logging each (a line per seed).
-    A stop request part-way through an epoch saves that epoch's progress first; the next run resumes it."""
-    partials = checkpoints.partial
-    for epoch in range(first_epoch, last_epoch + 1):
-        _stop_if_requested()
-        started = time.perf_counter()
-        resume = partials.restore(epoch, states, _warn) if epoch == first_epoch else None
+def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, log, report,
+             resume: ResumePoint | None = None):
+    """Trains epochs first_epoch..(the arm's last) of one arm, checkpointing and logging each (a line per
+    seed). A stop request part-way through an epoch saves its progress first; the next run resumes it."""
+    last = exp.config.pretrain_epochs if arm == PRETRAIN else exp.config.num_epochs
+    decode = objectives.get(objective).decode
+    part_way = resume if resume is not None and resume.steps_done else None
+    for epoch in range(first_epoch, last + 1):
+        if _stop_agreed():
+            raise KeyboardInterrupt
+        started, compiled = time.perf_counter(), _compiling[0]
         try:
-            result = train_epoch(states, dataset, config, epoch, objective, mean, std, arm, on_device, resume)
+            states, metrics = train_epoch(exp, states, epoch, objective, arm,
+                                          part_way if epoch == first_epoch else None)
         except EpochStopped as stop:
-            step, stopped_states, records = stop.partial
-            partials.save(epoch, step, stopped_states, records)
+            checkpoints.save(epoch, stop.point.states, stop.point.steps_done, stop.point.metrics)
             raise
-        states = result.states
-        accuracies, shares = evaluate_in_detail(states, dataset, config, mean, std, decodes=(objective,))
-        seconds = time.perf_counter() - started
-        records = [_epoch_record(arm, epoch, seed, objective, result, k, accuracies[objective][k],
-                                 shares[objective][k], seconds)
-                   for k, seed in enumerate(replica_seeds(config))]
+        accuracies, shares = evaluate_in_detail(exp, states, decodes=(decode,))
+        records = _epoch_records(exp, arm, epoch, objective, metrics, accuracies[decode], shares[decode],
+                                 time.perf_counter() - started, _compiling[0] - compiled)
         # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
         for record in records:
             log.append(record)
         checkpoints.save(epoch, states)
-        partials.clear()  # the epoch is complete: its part-way state is stale
         if distributed.is_primary():
             for record in records:
                 report(record)
@@ -367,31 +226,33 @@ def _logged_epochs(records, seeds) -> dict:
     return logged
 
 
-def _resume_points(managers, template, config, arms, logged) -> dict:
-    """Each arm's (last restorable epoch or None, its state or None), falling back past damaged checkpoints
-    and past checkpoints ahead of the log (``logged``: each arm's last logged epoch). A finished arm is not
-    restored; the pre-training only when something still needs it."""
-    points = {}
-    for arm in arms:
+def _resume_points(managers, exp: Experiment, logged) -> dict:
+    """Each arm's ResumePoint or None, falling back past damaged checkpoints and past checkpoints ahead of
+    the log (``logged``: each arm's last logged epoch). A finished arm is not restored (its point holds no
+    states); the pre-training only when something still needs it."""
+    config, points = exp.config, {}
+    for arm in exp.arms:
         latest = managers[arm].latest_epoch()
         finished = latest == config.num_epochs and logged.get(arm) == latest
-        points[arm] = (latest, None) if finished else managers[arm].restore_latest(template, _warn,
-                                                                                   logged.get(arm, 0))
-    pretrain_latest = managers["pretrain"].latest_epoch()
-    behind = (pretrain_latest or 0) > logged.get("pretrain", 0)
-    if any(epoch is None for epoch, _ in points.values()) or (pretrain_latest or 0) < config.pretrain_epochs or behind:
-        points["pretrain"] = managers["pretrain"].restore_latest(template, _warn, logged.get("pretrain", 0))
+        points[arm] = (ResumePoint(latest, 0, None, None) if finished else
+                       managers[arm].restore_latest(exp.template, _warn,
+                                                    max(logged.get(arm, 0), config.pretrain_epochs)))
+    pretrained = managers[PRETRAIN].latest_epoch() or 0
+    if (any(point is None for point in points.values()) or pretrained < config.pretrain_epochs
+            or pretrained > logged.get(PRETRAIN, 0)):
+        points[PRETRAIN] = managers[PRETRAIN].restore_latest(exp.template, _warn, logged.get(PRETRAIN, 0))
     else:
-        points["pretrain"] = (pretrain_latest, None)
+        points[PRETRAIN] = ResumePoint(pretrained, 0, None, None)
     return points
 
 
 def _print_epoch(record):
+    compiling = f" ({record['compile_seconds']:.1f}s compiling)" if record["compile_seconds"] >= 0.5 else ""
     extra = ""
-    if "anchor_entropy" in record:
+    if "max_target" in record:  # the anchor shapes this arm's targets
         extra = f"  anchor H {record['anchor_entropy']:.3f} [{record['anchor_min']:.3f}, {record['anchor_max']:.3f}]"
     print(f"[{record['arm']:>8} seed {record['seed']}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
-          f"test {record['test_accuracy']:6.2f}%  {record['epoch_seconds']:.1f}s{extra}", flush=True)
+          f"test {record['test_accuracy']:6.2f}%  {record['epoch_seconds']:.1f}s{compiling}{extra}", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
@@ -401,75 +262,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
         return _train_and_evaluate(config, workdir, report, lock)
 
 
+def _take_workdir(config, workdir, lock: contextlib.ExitStack) -> None:
+    """Locks the workdir (process 0; the others share it by design) and records the config; every process
+    raises together when process 0 is refused, none left waiting at a barrier."""
+    refused = None
+    if distributed.is_primary():
+        try:
+            lock.enter_context(hold_lock(workdir))
+            workdir_lib.check_config(workdir, config.to_dict())  # again, locked: another run may have trained here
+        except (WorkdirBusy, WorkdirMismatch) as error:
+            refused = error
+    if distributed.any_process(refused is not None):
+        raise refused or WorkdirBusy(f"workdir {workdir} was refused by process 0 (its error says why)")
+    if distributed.is_primary():
+        workdir_lib.record_config(workdir, config.to_dict())
+    distributed.barrier("oat_jax:workdir-recorded")
+
+
 def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> dict:
     _STOP.clear()  # a stop asked of an earlier run in this process does not carry over
     distributed.initialize(config)  # several processes: before anything runs on a device
-    mesh = sharding.data_mesh()
-    sharding.check_batch_sizes(config, mesh)
-    dispatch.WATCHDOG.configure(config.stall_timeout_seconds if mesh is not None else 0, _stall_hint(config))
+    dispatch.WATCHDOG.configure(config.stall_timeout_seconds if sharding.data_mesh() is not None else 0,
+                                _stall_hint(config))
     # Every check that can refuse the run comes before the first file is written.
-    pretrained = state_lib.pretrained_path(config)
-    _check_workdir(workdir, config)
-    dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
-                                image_size=config.image_size)
-    _check_inputs(config, dataset)
+    workdir_lib.check_config(workdir, config.to_dict())
+    exp = Experiment.build(config)
     distributed.barrier("oat_jax:checked")
-    refused = None
-    if distributed.is_primary():  # the other processes share the workdir by design
-        try:
-            lock.enter_context(hold_lock(workdir))
-            _check_workdir(workdir, config)  # again, locked: another run may have trained here since the check
-        except (WorkdirBusy, WorkdirMismatch) as error:
-            refused = error
-    if distributed.any_process(refused is not None):  # all stop together, none left waiting at a barrier
-        raise refused or WorkdirBusy(f"workdir {workdir} was refused by process 0 (its error says why)")
-    if distributed.is_primary():
-        _record_config(workdir, config)
-    distributed.barrier("oat_jax:workdir-recorded")
-    model = cached_model(config.model, dataset.num_classes, config.dropout_rate)
-    mean, std = normalisation_statistics(config, dataset)
-    template = create_replicas(model, dataset.train_images.shape[1:], config, pretrained)
-    # A fused epoch gathers its batches on the devices: every device holds the whole training set.
-    on_device = (sharding.place_states((dataset.train_images, dataset.train_labels), mesh) if config.fused_epoch
-                 else None)
-    arms = arms_of(config.method)
-    managers = {arm: ArmCheckpoints(workdir, arm) for arm in ["pretrain"] + arms}
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), write=distributed.is_primary())
+    _take_workdir(config, workdir, lock)
+    managers = {arm: ArmCheckpoints(workdir, arm) for arm in [PRETRAIN, *exp.arms]}
+    log = MetricsLog(os.path.join(workdir, workdir_lib.METRICS_FILE), write=distributed.is_primary())
     try:
-        points = _resume_points(managers, template, config, arms,
-                                _logged_epochs(log.records(), replica_seeds(config)))
+        points = _resume_points(managers, exp, _logged_epochs(log.records(), exp.seeds))
         # Metrics of epochs past the checkpoints (an epoch logged but not saved, a damaged checkpoint) are redone.
-        log.keep_only({arm: -1 if epoch is None else epoch for arm, (epoch, _) in points.items()})
+        log.keep_only({arm: -1 if point is None else point.epoch for arm, point in points.items()})
         if distributed.is_primary():
-            log.mirror = TensorBoardLog(workdir, log.records(), replica_seeds(config))
-        pretrain_done, state = points["pretrain"]
-        if pretrain_done is None:
-            state = template
-            managers["pretrain"].save(0, state)  # the branch point exists even with no pre-training
-            pretrain_done = 0
-        state = _run_phase(state, dataset, config, "pretrain", "ce", pretrain_done + 1, config.pretrain_epochs,
-                           managers["pretrain"], log, mean, std, report, on_device)
-        for arm in arms:
-            done, arm_state = points[arm]
-            if done == config.num_epochs:
+            log.mirror = TensorBoardLog(workdir, log.records(), exp.seeds)
+        point = points[PRETRAIN]
+        if point is None:
+            point = ResumePoint(0, 0, exp.template, None)
+            managers[PRETRAIN].save(0, point.states)  # the branch point exists even with no pre-training
+        states = point.states
+        if point.epoch < config.pretrain_epochs:
+            states = _run_arm(exp, states, PRETRAIN, objectives.PRETRAINING, point.epoch + 1, managers[PRETRAIN],
+                              log, report, point)
+        for arm in exp.arms:
+            point = points[arm]
+            if point is not None and point.states is None:
                 continue  # this arm has finished
-            if done is not None:
-                state, first = arm_state, done + 1
-            else:
-                state = managers["pretrain"].restore(config.pretrain_epochs, template)
-                if arm == "oat" and config.reset_momentum:
-                    state = state.replace(opt_state=jax.vmap(state.tx.init)(state.params))
-                first = config.pretrain_epochs + 1
-            _run_phase(state, dataset, config, arm, arm, first, config.num_epochs, managers[arm], log, mean, std,
-                       report, on_device)
+            if point is None:
+                states = managers[PRETRAIN].restore(config.pretrain_epochs, exp.template)
+                if arm != objectives.PRETRAINING and config.reset_momentum:
+                    states = exp.fresh_optimiser(states)
+                point = ResumePoint(config.pretrain_epochs, 0, states, None)
+            _run_arm(exp, point.states, arm, arm, point.epoch + 1, managers[arm], log, report, point)
     finally:
         for manager in managers.values():
             manager.close()
         if log.mirror is not None:
             log.mirror.close()
-    summary = summarise(log.records(), arms, config.paper.to_dict())
-    summary["dataset"] = {"name": dataset.name, "source": dataset.source, "train_samples": len(dataset.train_labels),
-                          "test_samples": len(dataset.test_labels)}
+    summary = summarise(log.records(), exp.arms, config.paper.to_dict())
+    summary["dataset"] = {"name": exp.dataset.name, "source": exp.dataset.source,
+                          "train_samples": len(exp.dataset.train_labels), "test_samples": len(exp.dataset.test_labels)}
     if distributed.is_primary():
-        write_json(os.path.join(workdir, "summary.json"), summary)
+        write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     return summary

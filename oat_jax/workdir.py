@@ -1,4 +1,10 @@
-"""A run's workdir. For now only its lock: one run per workdir at a time.
+"""A run's workdir: the one module that knows its files, and its lock (one run per workdir at a time).
+
+The files: ``config.json`` (the run's configuration without its cosmetic fields), ``metrics.jsonl`` (one JSON
+line per arm, epoch and seed), ``summary.json`` (each arm's final and best test accuracy), ``checkpoints/``.
+Every JSON file is written atomically; ``read_config`` is the one reader of config.json, completing a file
+written by an older version with the defaults of the fields it predates. Nothing here imports JAX at import
+time (the report and the plots stay light): the defaults are read from ``config_schema`` when needed.
 
 ``hold_lock`` takes an OS advisory lock (``flock``) on ``<workdir>/.lock`` and writes the holder (process id,
 host, start time) into it. The kernel drops the lock when its holder ends, however it ends (``kill -9``
@@ -10,13 +16,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import socket
+import statistics
 import time
 import warnings
 
 from oat_jax.disk_full import writing
 
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 
 
@@ -73,3 +85,192 @@ def _try_lock(fd: int, path: str) -> bool | None:
         # Some network or FUSE mounts: run, but unguarded.
         warnings.warn(f"cannot lock {path} ({error.strerror}); nothing stops a second run on this workdir at once")
         return None
+
+
+# Config fields that may differ between a run and its resumption without changing its results.
+# fused_epoch: the same steps on the same batches either way, as on another number of devices.
+COSMETIC_FIELDS = ("progress", "distributed", "steps_in_flight", "stall_timeout_seconds", "fused_epoch")
+# The old shorthand ``method`` as the objectives (``arms``) it trains; a non-empty method overrides arms.
+METHOD_ARMS = {"both": "ce,oat", "ce": "ce", "oat": "oat"}
+
+
+class WorkdirError(ValueError):
+    """A workdir file that is missing or unreadable; the one-line message names it (relative to the workdir)."""
+
+
+class WorkdirMismatch(RuntimeError):
+    """The workdir holds a run made with another configuration."""
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yields a temporary path for ``path``'s new content, which replaces ``path`` when the block ends: a
+    reader never sees half a file. A full disk is ``WorkdirFull`` naming ``path``."""
+    tmp = path + ".tmp"
+    with writing(path):
+        yield tmp
+    os.replace(tmp, path)
+
+
+def write_json(path: str, value: dict) -> None:
+    """Writes ``value`` as indented JSON, atomically."""
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def read_json(workdir: str, name: str, missing: str) -> dict:
+    """The JSON object in ``<workdir>/<name>``; WorkdirError with the message ``missing`` when there is none,
+    or naming the file when it is not a JSON object."""
+    try:
+        with open(os.path.join(workdir, name)) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise WorkdirError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkdirError(f"{name} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise WorkdirError(f"{name} is not a JSON object")
+    return value
+
+
+def default_config() -> dict:
+    """``base_config()`` as a dict (imports JAX, through the config schema's checks)."""
+    from oat_jax.config_schema import base_config
+    return base_config().to_dict()
+
+
+def identity(config: dict) -> dict:
+    """The fields that decide a run's results (of a config's ``to_dict()`` or a saved config.json): all but
+    the cosmetic ones, the shorthand ``method`` folded into ``arms`` (method "both" = arms "ce,oat", the
+    default), the arms without spaces."""
+    fields = {k: v for k, v in config.items() if k not in COSMETIC_FIELDS}
+    method = fields.pop("method", "")
+    arms = METHOD_ARMS.get(method, method) if method else fields.get("arms", METHOD_ARMS["both"])
+    fields["arms"] = ",".join(name.strip() for name in arms.split(",") if name.strip())  # "ce, oat" = "ce,oat"
+    return fields
+
+
+def read_config(workdir: str) -> dict:
+    """The run's config.json, completed with the ``base_config()`` defaults of the fields it predates (nested
+    groups such as ``paper`` field by field), and ``arms`` as its ``method`` says when it has one (kept too,
+    for older readers). WorkdirError when there is no readable config.json."""
+    saved = read_json(workdir, CONFIG_FILE, f"{CONFIG_FILE} is missing: is this an oat_jax workdir?")
+    defaults = default_config()
+    config = {**defaults, **saved}
+    config.update({k: {**v, **saved[k]} for k, v in defaults.items() if isinstance(v, dict)
+                   and isinstance(saved.get(k), dict)})
+    config["arms"] = identity(config)["arms"]
+    return config
+
+
+def check_config(workdir: str, config: dict) -> None:
+    """Refuses (WorkdirMismatch) a workdir holding a run (checkpoints or metrics) made with another config
+    than ``config`` (a ``to_dict()``); a field the run predates had its default then. Reads only."""
+    trained = any(os.path.exists(os.path.join(workdir, name)) for name in (CHECKPOINTS_DIR, METRICS_FILE))
+    if not (trained and os.path.exists(os.path.join(workdir, CONFIG_FILE))):
+        return  # nothing trained here yet: the new config takes the folder
+    try:
+        saved, current = identity(read_config(workdir)), identity(config)
+    except WorkdirError as e:
+        raise WorkdirMismatch(f"workdir {workdir} holds a run whose {e}; pass a new --workdir to start fresh") from None
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise WorkdirMismatch(
+            f"workdir {workdir} holds a run with a different config (fields: {', '.join(changed)}); "
+            f"rerun with the same config to resume it, or pass a new --workdir to start fresh")
+
+
+def record_config(workdir: str, config: dict) -> None:
+    """Writes ``config`` (a ``to_dict()``) without its cosmetic fields to config.json; the record of the same
+    run (a resumed one's, perhaps in an older version's words) is left as it was."""
+    record = {k: v for k, v in config.items() if k not in COSMETIC_FIELDS}
+    with contextlib.suppress(WorkdirError):
+        if identity(read_json(workdir, CONFIG_FILE, "")) == identity(record):
+            return
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, CONFIG_FILE), record)
+
+
+def read_summary(workdir: str) -> dict:
+    """The run's summary.json; WorkdirError when it has none (unfinished or refused) or it is unreadable."""
+    return read_json(workdir, SUMMARY_FILE, f"no {SUMMARY_FILE} (an unfinished or refused run)")
+
+
+class MetricsLog:
+    """A run's metrics.jsonl: append-only JSON lines, cut back on resume to the epochs that have a checkpoint.
+    With ``write=False`` (the other processes of a run over several) the same records are kept in memory
+    only. A ``mirror`` (the TensorBoard events) gets every appended record too."""
+
+    def __init__(self, path: str, write: bool = True):
+        self.path = path
+        self.write = write
+        self.mirror = None
+        self._records = read_records(path)
+
+    def records(self) -> list[dict]:
+        return list(self._records)
+
+    def keep_only(self, last_epoch_of_arm: dict[str, int]) -> None:
+        """Drops lines of epochs after each arm's last checkpoint: those epochs will be trained again."""
+        self._records = [r for r in self._records if r["epoch"] <= last_epoch_of_arm.get(r["arm"], 0)]
+        if self.write:
+            with replacing(self.path) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self._records)
+
+    def append(self, record: dict) -> None:
+        self._records.append(record)
+        if self.write:
+            with writing(self.path), open(self.path, "a") as f:  # a line cut short by a full disk is redone
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if self.mirror is not None:
+            self.mirror.add(record)
+            self.mirror.flush()
+
+
+def read_records(path: str) -> list[dict]:
+    """The lines of a metrics.jsonl file ([] when there is none), up to one cut short by a kill (its epoch
+    is redone)."""
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def _arm_summary(history: list[dict]) -> dict:
+    best = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))
+    return {"final_test_accuracy": history[-1]["test_accuracy"], "final_epoch": history[-1]["epoch"],
+            "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"]}
+
+
+def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
+    """Each arm's final and best test accuracy (%), per seed and as mean and standard deviation over seeds.
+
+    The arm named "ce" continues the shared pre-training, so its history is the pre-training epochs followed
+    by its own; every other arm's (OAT's, say) is its own epochs only. An arm with no epoch is left out.
+    """
+    summary = {"arms": {}, "paper": paper if paper.get("table") else None}
+    for arm in arms:
+        phases = (arm, "pretrain") if arm == "ce" else (arm,)
+        per_seed = {}
+        for seed in sorted({r["seed"] for r in records}):
+            history = sorted((r for r in records if r["seed"] == seed and r["arm"] in phases), key=lambda r: r["epoch"])
+            if history:
+                per_seed[str(seed)] = _arm_summary(history)
+        if not per_seed:
+            continue
+        result = {"seeds": per_seed, "final_epoch": max(s["final_epoch"] for s in per_seed.values())}
+        for key in ("final_test_accuracy", "best_test_accuracy"):
+            values = [s[key] for s in per_seed.values()]
+            result[key] = statistics.fmean(values)
+            result[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if len(per_seed) == 1:
+            result["best_epoch"] = next(iter(per_seed.values()))["best_epoch"]
+        summary["arms"][arm] = result
+    return summary

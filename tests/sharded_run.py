@@ -8,8 +8,9 @@ import sys
 import jax
 
 import conftest  # registers the synthetic dataset and the stand-in model
-from oat_jax import data, steps, train
+from oat_jax import steps, train
 from oat_jax.config_schema import base_config
+from oat_jax.experiment import Experiment
 
 # BatchNorm and dropout included: their statistics and masks must not depend on how the batch is split.
 BASE = dict(dataset=conftest.SYNTHETIC, model=conftest.STANDIN_MODEL, dropout_rate=0.2, num_epochs=2,
@@ -29,15 +30,12 @@ def config_of(overrides: dict):
 def run(workdir: str, overrides: dict) -> dict:
     config = config_of(overrides)
     summary = train.train_and_evaluate(config, workdir, report=lambda record: None)
-    # A fresh model, near chance, so that equal accuracies are not two perfect scores.
-    dataset = data.load_dataset(config.dataset, "", 0, 0)
-    mean, std = train.normalisation_statistics(config, dataset)
-    fresh = train.create_replicas(train.cached_model(config.model, dataset.num_classes, config.dropout_rate),
-                                  dataset.train_images.shape[1:], config)
+    # A fresh model (the experiment's initial states), near chance, so that equal accuracies are not two
+    # perfect scores.
+    exp = Experiment.build(config)
     evaluations = {}
     for size in EVAL_BATCH_SIZES:
-        config.eval_batch_size = size
-        accuracies, shares = train.evaluate_in_detail(fresh, dataset, config, mean, std)
+        accuracies, shares = train.evaluate_in_detail(exp, exp.template, batch_size=size)
         evaluations[str(size)] = {"accuracy": accuracies, "share": {k: v.tolist() for k, v in shares.items()}}
     return {"devices": jax.device_count(), "processes": jax.process_count(), "summary": summary,
             "evaluations": evaluations}
@@ -57,17 +55,22 @@ def stop_after_steps(count: int) -> None:
 
 
 def stall_after_steps(count: int) -> None:
-    """Makes the ``count``-th training step never finish, as a device that stops answering would: its loss
-    comes from a host callback that sleeps for an hour."""
+    """Makes the ``count``-th training step never finish, as a device that stops answering would: the step
+    count of its metrics, which the run waits for, comes from a host callback that sleeps for an hour.
+
+    Only that awaited value stalls; the next step goes on from the real metrics. (Fed into the next step, the
+    callback's output was either placed on one device, which the step refuses, or, run on every device, blocked
+    its own dispatch on XLA:CPU: the run never reached a wait that the watchdog watches.)"""
     import time
-    step, calls = steps.train_step_replicas, itertools.count(1)
+    step, calls, real = steps.train_step_replicas, itertools.count(1), {}
     never = jax.jit(lambda x: jax.pure_callback(lambda v: (time.sleep(3600), v)[1], x, x))
 
-    def stalling(*args, **kwargs):
-        states, loss, anchor = step(*args, **kwargs)
+    def stalling(states, metrics, *args, **kwargs):
+        states, metrics = step(states, real.pop("metrics", metrics), *args, **kwargs)
         if next(calls) == count:
-            loss = never(loss)
-        return states, loss, anchor
+            real["metrics"] = metrics
+            metrics = dict(metrics, steps=never(metrics["steps"]))
+        return states, metrics
 
     steps.train_step_replicas = stalling
 

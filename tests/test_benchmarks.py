@@ -37,17 +37,63 @@ def test_step_time_reports_both_arms_and_ratios(tmp_path):
 
 
 def test_epoch_time_measures_every_decoding(tmp_path):
-    printed = json.loads(_run("benchmarks.epoch_time", "--train-limit", "96", "--datasets",
-                              "fashion_mnist,cifar10").stdout)
-    if "fashion_mnist" in printed["skipped"]:
-        pytest.skip("real Fashion-MNIST not installed")
-    figures = printed["datasets"]["fashion_mnist"]
-    assert figures["train_samples"] == 96 and figures["test_samples"] == 10000
-    assert set(figures["train_epoch_s"]) == {"ce", "oat", "ce_fused", "oat_fused"}
-    assert set(figures["eval_s"]) == {"ce", "oat", "oat_class_anchors"}
-    assert all(0 <= acc <= 100 for acc in figures["test_accuracy_after_one_epoch"].values())
+    out = tmp_path / "epoch.json"
+    printed = json.loads(_run("benchmarks.epoch_time", "--train-limit", "96", "--test-limit", "330", "--epochs", "2",
+                              "--eval-repeats", "2", "--datasets", "fashion_mnist,cifar10", "--out", str(out)).stdout)
+    assert json.loads(out.read_text()) == printed
     # CIFAR-10 is not on this machine unless placed there; it must then be skipped with the reason.
     assert "cifar10" in printed["datasets"] or "CIFAR-10" in printed["skipped"]["cifar10"]
+    if "fashion_mnist" in printed["skipped"]:
+        pytest.skip("real Fashion-MNIST not installed")
+    setup, env = printed["setup"], printed["environment"]
+    assert (setup["epochs"], setup["train_limit"], setup["batch_size"], setup["eval_batch_size"]) == (2, 96, 32, 32)
+    assert "python -m benchmarks.epoch_time --train-limit 96" in printed["command"]
+    assert len(env["load_average_start"]) == len(env["load_average_end"]) == 3
+    figures = printed["datasets"]["fashion_mnist"]
+    assert figures["train_samples"] == 96 and figures["test_samples"] == 330 and figures["steps_per_epoch"] == 3
+    arms, ratios, evals = figures["arms"], figures["ratios"], figures["evaluation"]
+    torch = setup["torch"]
+    assert set(arms) == {"ce", "oat", "ce_fused", "oat_fused"} | ({"torch_ce", "torch_oat"} if torch else set())
+    for name, arm in arms.items():
+        assert arm["decode"] == ("argmax" if arm["objective"] == "ce" else "anchor")
+        assert len(arm["epoch_s"]) == len(arm["train_s"]) == len(arm["eval_s"]) == 2
+        assert arm["epoch_s"] == pytest.approx([t + e for t, e in zip(arm["train_s"], arm["eval_s"])], abs=1e-3)
+        assert arm["first_epoch_s"] == arm["epoch_s"][0]
+        steady = arm["steady_epoch_s"]
+        assert 0 < steady["min"] <= steady["median"] <= steady["max"] and steady["repeats"] == 1
+        assert all(0 <= accuracy <= 100 for accuracy in arm["test_accuracy"])
+        if arm["framework"] == "jax":
+            # The first epoch compiles the steps (or finds them compiled by an earlier arm); later ones do not.
+            assert 0 <= arm["first_epoch_compile_s"] <= arm["first_epoch_s"]
+            assert arm["steady_compile_s"]["max"] < 0.1
+    assert arms["ce"]["first_epoch_compile_s"] > 0  # the first arm compiles its training and evaluation steps
+    # The fused epoch trains the same steps on the same batches: the same accuracies.
+    assert arms["ce_fused"]["test_accuracy"] == pytest.approx(arms["ce"]["test_accuracy"], abs=1.0)
+
+    def quotient(numerator, denominator):
+        return arms[numerator]["steady_epoch_s"]["median"] / arms[denominator]["steady_epoch_s"]["median"]
+
+    expected = {"oat_over_ce_epoch": quotient("oat", "ce"),
+                "fused_over_stepwise_epoch_ce": quotient("ce_fused", "ce"),
+                "fused_over_stepwise_epoch_oat": quotient("oat_fused", "oat"),
+                "oat_over_ce_eval": evals["eval_s"]["oat"]["median"] / evals["eval_s"]["ce"]["median"],
+                "class_anchors_over_batch_anchor_eval":
+                    evals["eval_s"]["oat_class_anchors"]["median"] / evals["eval_s"]["oat"]["median"]}
+    for objective in ("ce", "oat"):
+        arm = arms[objective]
+        expected[f"first_over_steady_{objective}"] = ((arm["first_epoch_s"] - arm["first_epoch_compile_s"])
+                                                      / arm["steady_epoch_s"]["median"])
+        if torch:
+            expected[f"jax_over_torch_epoch_{objective}"] = quotient(objective, f"torch_{objective}")
+    assert ratios == pytest.approx(expected) and set(ratios) == set(expected)
+    for name, spread in figures["paired_ratios"].items():
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    assert set(evals["eval_s"]) == {"ce", "oat", "oat_class_anchors"}
+    for stats in [*evals["eval_s"].values(), evals["class_anchor_precompute_s"]]:
+        assert 0 < stats["min"] <= stats["median"] <= stats["max"] and stats["repeats"] == 2
+    assert set(evals["test_accuracy"]) == {"ce", "oat", "oat_class_anchors"}
+    assert all(0 <= accuracy <= 100 for accuracy in evals["test_accuracy"].values())
+    assert evals["test_accuracy"]["oat"] == pytest.approx(arms["oat"]["final_test_accuracy"])
 
 
 def test_readme_performance_section_matches_the_result_files():

@@ -9,18 +9,25 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from oat_jax import metrics_log, train
-from oat_jax.checkpoints import ArmCheckpoints, CheckpointMismatch
+from oat_jax import state as state_lib
+from oat_jax import steps, train
+from oat_jax import workdir as workdir_lib
+from oat_jax.checkpoints import ArmCheckpoints, CheckpointMismatch, ResumePoint
 from oat_jax.config_schema import base_config
 from oat_jax.data import fashion_mnist
 from oat_jax.disk_full import WorkdirFull, is_disk_full
+from oat_jax.experiment import Experiment
 from conftest import STANDIN_MODEL
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The fields of a metrics line that time the run, and so differ between runs of the same training.
+TIMINGS = ("epoch_seconds", "compile_seconds")
 
 # What Orbax 0.12.8 raised when a save met a full tmpfs: tensorstore's error, a ValueError without errno.
 ORBAX_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "/x/1.orbax-checkpoint-tmp/'
@@ -29,7 +36,19 @@ ORBAX_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at lo
 
 
 def _template(config, classes, model=STANDIN_MODEL):
-    return train.create_replicas(train.cached_model(model, classes), (16, 16, 1), config)
+    return state_lib.create_replicas(state_lib.cached_model(model, classes), (16, 16, 1), config)
+
+
+def _at_step(states, step):
+    """The states as after ``step`` optimiser steps (a checkpoint is named by its states' step): 13 steps an
+    epoch of the synthetic dataset in batches of 16."""
+    return states.replace(step=jnp.full_like(states.step, step))
+
+
+def _assert_same_arrays(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _run(config, workdir):
@@ -37,7 +56,7 @@ def _run(config, workdir):
 
 
 def _metrics(workdir):
-    return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
             for line in open(workdir / "metrics.jsonl")]
 
 
@@ -45,16 +64,18 @@ def test_damaged_array_data_is_set_aside_and_the_previous_checkpoint_used(synthe
     """The saved metadata still reads and fits; the arrays' data file is cut short."""
     template = _template(synthetic_config, 4)
     checkpoints = ArmCheckpoints(str(tmp_path), "pretrain")
-    checkpoints.save(1, template)
-    checkpoints.save(2, template)
-    for path in (tmp_path / "checkpoints" / "pretrain" / "2" / "default" / "d").iterdir():
+    checkpoints.save(1, _at_step(template, 13))
+    checkpoints.save(2, _at_step(template, 26))
+    checkpoints.wait()
+    for path in (tmp_path / "checkpoints" / "pretrain" / "26" / "state" / "d").iterdir():
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     warnings = []
-    epoch, _ = checkpoints.restore_latest(template, warnings.append)
+    point = checkpoints.restore_latest(template, warnings.append)
     checkpoints.close()
-    assert epoch == 1
-    assert len(warnings) == 1 and "checkpoints/pretrain/2 cannot be restored" in warnings[0]
-    assert (tmp_path / "checkpoints" / "corrupt" / "pretrain-epoch2").is_dir()
+    assert (point.epoch, point.steps_done, point.metrics) == (1, 0, None)
+    assert np.asarray(point.states.step).tolist() == [13]
+    assert len(warnings) == 1 and "checkpoints/pretrain/26 cannot be restored" in warnings[0]
+    assert (tmp_path / "checkpoints" / "corrupt" / "pretrain-step26").is_dir()
 
 
 @pytest.mark.parametrize("model, classes, first_difference", [
@@ -65,7 +86,7 @@ def test_a_checkpoint_that_does_not_fit_stops_with_one_line_and_stays(synthetic_
                                                                       first_difference):
     """Another number of classes (shapes) or another model (tree structure): nothing is set aside."""
     checkpoints = ArmCheckpoints(str(tmp_path), "ce")
-    checkpoints.save(3, _template(synthetic_config, 4))
+    checkpoints.save(3, _at_step(_template(synthetic_config, 4), 39))
     other = _template(synthetic_config, classes, model)
     warnings = []
     with pytest.raises(CheckpointMismatch) as error:
@@ -75,18 +96,56 @@ def test_a_checkpoint_that_does_not_fit_stops_with_one_line_and_stays(synthetic_
     checkpoints.close()
     message = str(error.value)
     assert "\n" not in message and warnings == []
-    assert message.startswith(f"checkpoint {tmp_path}/checkpoints/ce/3 does not fit this run's state "
+    assert message.startswith(f"checkpoint {tmp_path}/checkpoints/ce/39 does not fit this run's state "
                               f"({first_difference}")
     assert "use a new --workdir, or the version that made it" in message
-    assert (tmp_path / "checkpoints" / "ce" / "3").is_dir() and not (tmp_path / "checkpoints" / "corrupt").exists()
+    assert (tmp_path / "checkpoints" / "ce" / "39").is_dir() and not (tmp_path / "checkpoints" / "corrupt").exists()
 
 
 def test_a_part_way_checkpoint_that_does_not_fit_stays(synthetic_config, tmp_path):
-    partial = ArmCheckpoints(str(tmp_path), "ce").partial
-    partial.save(3, 5, _template(synthetic_config, 4), {"losses": np.zeros((5, 1))})
-    with pytest.raises(CheckpointMismatch, match="params/head/bias: saved"):
-        partial.restore(3, _template(synthetic_config, 5), warn=pytest.fail)
-    assert pathlib.Path(partial.directory).is_dir()
+    """5 steps into epoch 3 (optimiser step 13 * 2 + 5), saved with the epoch's running metrics."""
+    checkpoints = ArmCheckpoints(str(tmp_path), "ce")
+    checkpoints.save(3, _at_step(_template(synthetic_config, 4), 31), steps_done=5, metrics=steps.new_metrics(1, 4))
+    assert checkpoints._point(31) == (3, 5)
+    with pytest.raises(CheckpointMismatch, match=r"checkpoints/ce/31 does not fit .*params/head/bias: saved"):
+        checkpoints.restore_latest(_template(synthetic_config, 5), warn=pytest.fail)
+    checkpoints.close()
+    assert (tmp_path / "checkpoints" / "ce" / "31" / "progress").is_dir()
+    assert not (tmp_path / "checkpoints" / "corrupt").exists()
+
+
+def test_checkpoints_of_earlier_versions_resume(synthetic_config, tmp_path):
+    """A checkpoint as earlier versions saved it (one manager per arm, step = epoch, a single unnamed item)
+    reads as that finished epoch, whatever its optimiser step; their folder of part-way epochs is removed
+    (its epoch starts over)."""
+    template = Experiment.build(synthetic_config).template
+    saved = _at_step(template.replace(params=jax.tree.map(lambda leaf: leaf + 1, template.params)), 26)
+    old = ocp.CheckpointManager(str(tmp_path / "checkpoints" / "ce"), item_handlers=ocp.StandardCheckpointHandler(),
+                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                                                     enable_async_checkpointing=False))
+    old.save(2, args=ocp.args.StandardSave(saved))
+    old.wait_until_finished()
+    old.close()
+    assert (tmp_path / "checkpoints" / "ce" / "2" / "default").is_dir()
+    partial = ocp.CheckpointManager(  # 5 steps into epoch 3, as earlier versions numbered a stop
+        str(tmp_path / "checkpoints" / "ce-partial"),
+        item_handlers={"states": ocp.StandardCheckpointHandler(), "records": ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False))
+    partial.save(3_000_005, args=ocp.args.Composite(states=ocp.args.StandardSave(saved),
+                                                    records=ocp.args.StandardSave({"losses": np.zeros((5, 1))})))
+    partial.wait_until_finished()
+    partial.close()
+
+    checkpoints = ArmCheckpoints(str(tmp_path), "ce")
+    assert not (tmp_path / "checkpoints" / "ce-partial").exists()
+    assert checkpoints.latest_epoch() == 2
+    assert checkpoints._point(2) == (2, None)
+    _assert_same_arrays(checkpoints.restore(2, template), saved)
+    point = checkpoints.restore_latest(template, warn=pytest.fail)
+    checkpoints.close()
+    assert isinstance(point, ResumePoint) and (point.epoch, point.steps_done, point.metrics) == (2, 0, None)
+    _assert_same_arrays(point.states, saved)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ce"]
 
 
 def test_disk_full_errors_are_recognised():
@@ -113,7 +172,7 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(synthetic_
 
     def save(self, step, *args, **kwargs):
         saves.append(step)
-        if len(saves) == 3:  # pretrain 0 and 1, then the CE arm's epoch 2
+        if len(saves) == 3:  # pretrain steps 0 and 13 (epochs 0, 1), then the CE arm's epoch 2 at step 26
             raise ValueError(ORBAX_ENOSPC)
         return real_save(self, step, *args, **kwargs)
 
@@ -121,7 +180,7 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(synthetic_
         patch.setattr(ocp.CheckpointManager, "save", save)
         with pytest.raises(WorkdirFull) as error:
             _run(synthetic_config, workdir)
-    assert str(error.value) == (f"no space left on device writing {workdir}/checkpoints/ce/2; free space there (or "
+    assert str(error.value) == (f"no space left on device writing {workdir}/checkpoints/ce/26; free space there (or "
                                 "use another --workdir) and rerun the same command to resume")
 
     real_fsync, appends = os.fsync, []
@@ -135,7 +194,7 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(synthetic_
         return real_fsync(fd)
 
     with monkeypatch.context() as patch:
-        patch.setattr(metrics_log.os, "fsync", fsync)
+        patch.setattr(workdir_lib.os, "fsync", fsync)
         with pytest.raises(WorkdirFull, match=f"no space left on device writing {workdir}/metrics.jsonl; "):
             _run(synthetic_config, workdir)
     assert _run(synthetic_config, workdir) == expected
@@ -202,7 +261,8 @@ def test_cli_checkpoint_of_another_model_is_one_line_with_status_2(tmp_path):
     """A workdir whose checkpoint has 4 classes (as if made by another version), resumed on Fashion-MNIST's 10."""
     workdir = tmp_path / "run"
     checkpoints = ArmCheckpoints(str(workdir), "pretrain")
-    checkpoints.save(0, train.create_replicas(train.cached_model("lightweight", 4), (28, 28, 1), base_config()))
+    checkpoints.save(0, state_lib.create_replicas(state_lib.cached_model("lightweight", 4), (28, 28, 1),
+                                                  base_config()))
     checkpoints.close()
     result = _main(workdir)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -3,6 +3,7 @@ import pathlib
 
 import pytest
 
+from oat_jax import config_schema
 from oat_jax.config_schema import ConfigError, base_config, validate_config
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
@@ -36,7 +37,11 @@ def _with(**changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"pretrain_epochs": 11, "num_epochs": 10}, "pretrain_epochs"),
-    ({"pretrain_epochs": 10, "num_epochs": 10}, "no OAT epoch"),
+    ({"pretrain_epochs": 10, "num_epochs": 10}, "leaves no epoch for the arms"),
+    ({"arms": "ce,oat,softmax_typo"}, "unknown objective 'softmax_typo' in arms; known objectives: ce, oat"),
+    ({"arms": "oat,oat"}, "arms names an objective twice"),
+    ({"arms": " , "}, "arms names no objective"),
+    ({"method": "oat", "arms": "ce"}, "method 'oat' and arms 'ce' disagree; set only arms"),
     ({"dataset": "mnist_typo"}, "unknown dataset 'mnist_typo'"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"method": "all"}, "method"),
@@ -54,6 +59,17 @@ def test_impossible_values_are_named(changes, message):
 
 def test_ce_alone_may_spend_every_epoch_pretraining():
     validate_config(_with(method="ce", pretrain_epochs=10, num_epochs=10))
+    validate_config(_with(arms="ce", pretrain_epochs=10, num_epochs=10))
+
+
+@pytest.mark.parametrize("changes, arms", [
+    ({}, ["ce", "oat"]), ({"arms": "oat, ce"}, ["oat", "ce"]), ({"method": "both"}, ["ce", "oat"]),
+    ({"method": "oat"}, ["oat"]), ({"method": "ce", "arms": "ce"}, ["ce"]),
+])
+def test_arms_are_named_by_arms_or_by_the_older_method(changes, arms):
+    config = _with(**changes)
+    validate_config(config)
+    assert config_schema.arms_of(config) == arms
 
 
 def test_unknown_field_is_refused():

@@ -57,7 +57,7 @@ def test_a_stalled_device_ends_the_run_in_one_line_and_the_rerun_resumes(tmp_pat
                            "devices and is stalled;"), last
     assert "--config.steps_in_flight" in last and last.endswith("rerun the same command to resume from the last "
                                                                 "finished epoch")
-    assert (tmp_path / "run/checkpoints/pretrain/1").is_dir()  # the last finished epoch is kept
+    assert (tmp_path / "run/checkpoints/pretrain/13").is_dir()  # the last finished epoch (optimiser step 13) is kept
 
     # The rerun resumes from there (that it then matches an uninterrupted run exactly is test_train's and
     # test_cli's resume tests): both arms finish, and every epoch is logged once.

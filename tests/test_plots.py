@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import SYNTHETIC
-from oat_jax import data, eval_batch_sizes, plots, report, train
+from oat_jax import eval_batch_sizes, plots, report, train
 from oat_jax.checkpoints import ArmCheckpoints
+from oat_jax.experiment import Experiment
 
 FIGURES = ("accuracy.png", "anchor_heatmap.png", "anchor_entropy.png", "prediction_share.png",
            "anchor_range.png", "eval_batch_size.png")
@@ -63,32 +64,27 @@ def _check_png(path):
     assert pixels.std() > 0 and len(np.unique(colours)) > 10
 
 
-def _restored(workdir, arm, config, dataset):
-    template = train.create_replicas(train.cached_model(config.model, dataset.num_classes, config.dropout_rate),
-                                     dataset.train_images.shape[1:], config)
+def _restored(workdir, arm, exp):
     checkpoints = ArmCheckpoints(str(workdir), arm)
     try:
-        return checkpoints.restore(checkpoints.latest_epoch(), template)
+        return checkpoints.restore(checkpoints.latest_epoch(), exp.template)
     finally:
         checkpoints.close()
 
 
 def _check_sweep(workdir, results):
     """The sweep's accuracies are those of train.evaluate on the restored checkpoints at each batch size."""
-    config = eval_batch_sizes.run_config(str(workdir))
-    dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
-    mean, std = train.normalisation_statistics(config, dataset)
-    states = _restored(workdir, "oat", config, dataset)
+    exp = Experiment.build(eval_batch_sizes.run_config(str(workdir)))
+    assert exp.config.eval_batch_size == 16  # the run's own test batch
+    states = _restored(workdir, "oat", exp)
     assert results["checkpoint_epochs"] == {"oat": 3, "ce": 3} and results["test_samples"] == 75
-    for size in (1, 8, 32, 128, 0):
-        config.eval_batch_size = size or 75
-        assert results["oat"][str(size)] == train.evaluate(states, dataset, config, mean, std, decodes=("oat",))["oat"]
-    config.eval_batch_size = 16
-    ce = train.evaluate(_restored(workdir, "ce", config, dataset), dataset, config, mean, std, decodes=("ce",))
-    assert results["ce"] == ce["ce"]
+    for size in (1, 8, 32, 128, 0):  # OAT's own decoding, with each test batch's anchor
+        assert results["oat"][str(size)] == train.evaluate(exp, states, ("anchor",), batch_size=size or 75)["anchor"]
+    ce = train.evaluate(exp, _restored(workdir, "ce", exp), ("argmax",))  # at the run's own test batch
+    assert results["ce"] == ce["argmax"]
     # At the run's own test batch, the same accuracy as the run logged for its last OAT epoch.
     logged = [r["test_accuracy"] for r in _records(workdir) if r["arm"] == "oat" and r["epoch"] == 3]
-    assert train.evaluate(states, dataset, config, mean, std, decodes=("oat",))["oat"] == logged
+    assert train.evaluate(exp, states, ("anchor",))["anchor"] == logged
 
 
 def test_every_figure_of_a_real_run_and_its_batch_size_sweep(synthetic_config, tmp_path, capsys):

@@ -4,14 +4,14 @@ import json
 import numpy as np
 import pytest
 
-from oat_jax import report, train
+from oat_jax import report, train, workdir
 from oat_jax.config_schema import base_config
 from oat_jax.paper_figures import paper_cell
 
 
 def _config(**fields):
     """config.json as train.py writes it: every field of base_config() but the cosmetic ones."""
-    config = {k: v for k, v in base_config().to_dict().items() if k not in train._COSMETIC_FIELDS}
+    config = {k: v for k, v in base_config().to_dict().items() if k not in workdir.COSMETIC_FIELDS}
     return {**config, **fields}
 
 
@@ -165,3 +165,30 @@ def test_runs_shorter_than_the_papers_protocol_are_flagged(tmp_path, capsys):
 def test_unknown_paper_cells_are_refused_with_the_known_ones():
     with pytest.raises(KeyError, match="Table 5: UCF-101, ResNet-18"):
         paper_cell("Table 5", "UCF-101, ResNet-19")
+
+
+def test_an_old_method_both_run_and_a_new_arms_run_pool_and_other_arms_are_noted(tmp_path, capsys):
+    old = _fake_run(tmp_path / "old", None, None, [70.0], [72.0], seed=0, config=_config(method="both"))
+    new_config = {k: v for k, v in _config().items() if k != "method"} | {"arms": "ce,oat,ce_smooth", "method": ""}
+    new = _fake_run(tmp_path / "new", None, None, [74.0], [73.0], seed=1, config=new_config)
+    only_ce = _fake_run(tmp_path / "only_ce", None, None, [10.0], [], seed=2, config=_config(method="ce"))
+    summary = json.loads((new / "summary.json").read_text())
+    summary["arms"]["ce_smooth"] = {"final_epoch": 100, "seeds": {"1": {"final_test_accuracy": 71.5,
+                                                                        "final_epoch": 100}}}
+    (new / "summary.json").write_text(json.dumps(summary))
+    summary = json.loads((only_ce / "summary.json").read_text())
+    del summary["arms"]["oat"]
+    (only_ce / "summary.json").write_text(json.dumps(summary))
+    # The new run's arms differ from the old one's by its third arm: a row of its own, its arm in the notes.
+    assert report.main([str(old), str(new), str(only_ce)]) == 0
+    rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
+    assert [row[2:6] for row in rows] == [["70.000", "–", "72.000", "1"], ["74.000", "–", "73.000", "1"],
+                                          ["10.000", "–", "–", "1"]]
+    assert rows[1][6] == "ce_smooth: 71.500; differs: arms='ce,oat,ce_smooth'"
+    assert rows[2][6] == "differs: arms='ce'"
+    # Its arms as "ce,oat": one config with the old method="both" run, their seeds pooled.
+    (new / "config.json").write_text(json.dumps(new_config | {"arms": "ce,oat"}))
+    assert report.main([str(old), str(new)]) == 0
+    rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
+    assert len(rows) == 1 and rows[0][5] == "2" and rows[0][6] == "ce_smooth: 71.500"
+    assert rows[0][2] == f"{np.mean([70.0, 74.0]):.3f} ± {np.std([70.0, 74.0], ddof=1):.3f}"

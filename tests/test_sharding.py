@@ -4,6 +4,7 @@ process): the same accuracies to one test sample and the same parameters and Bat
 float tolerance, since the anchor stays the centre of the global batch; the same evaluation with padded and
 unsplittable test batches; the fused epoch too. The per-device anchor option; and checkpoints saved across
 devices or processes, restored onto one device."""
+import functools
 import json
 import os
 import pathlib
@@ -16,9 +17,9 @@ import numpy as np
 import pytest
 
 import sharded_run
-from conftest import STANDIN_MODEL
-from oat_jax import sharding, train
+from oat_jax import sharding
 from oat_jax.checkpoints import ArmCheckpoints
+from oat_jax.experiment import Experiment
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -71,11 +72,15 @@ def _run_two_processes(workdir, devices_each, extra=((), ()), **overrides):
     return outputs
 
 
+@functools.lru_cache(maxsize=1)
+def _template():
+    """The states a run of sharded_run starts from (the stand-in network), to restore checkpoints into."""
+    return Experiment.build(sharded_run.config_of({})).template
+
+
 def _final_params(workdir, arm="oat"):
-    config = sharded_run.config_of({})
-    template = train.create_replicas(train.cached_model(STANDIN_MODEL, 4, 0.2), (16, 16, 1), config)
     manager = ArmCheckpoints(str(workdir), arm)
-    state = manager.restore(manager.latest_epoch(), template)  # saved across devices, restored onto one
+    state = manager.restore(manager.latest_epoch(), _template())  # saved across devices, restored onto one
     manager.close()
     return jax.device_get((state.params, state.batch_stats))
 
@@ -92,7 +97,7 @@ def _assert_same_training(run, reference, workdir, reference_workdir):
 
 def _assert_same_evaluations(run, reference):
     for size in map(str, sharded_run.EVAL_BATCH_SIZES):
-        for decode in ("ce", "oat"):
+        for decode in ("argmax", "anchor"):
             assert run["evaluations"][size]["accuracy"][decode] == pytest.approx(
                 reference["evaluations"][size]["accuracy"][decode], abs=100 / 75 + 1e-9)
             np.testing.assert_allclose(run["evaluations"][size]["share"][decode],
@@ -102,7 +107,7 @@ def _assert_same_evaluations(run, reference):
 def test_four_and_eight_devices_train_and_evaluate_what_one_device_does(tmp_path):
     one = sharded_run.run(str(tmp_path / "one"), {})
     assert one["devices"] == 1
-    assert one["evaluations"]["16"]["accuracy"]["ce"][0] < 90  # not a comparison of two perfect scores
+    assert one["evaluations"]["16"]["accuracy"]["argmax"][0] < 90  # not a comparison of two perfect scores
     for devices in (4, 8):
         many = _run(tmp_path / str(devices), devices)
         assert many["devices"] == devices
@@ -122,7 +127,11 @@ def test_two_processes_through_jax_distributed_train_what_one_device_trains(tmp_
     # step 10, save the epoch part-way and stop; the rerun finishes it as if nothing had happened.
     stopped = _run_two_processes(tmp_path / "two", 2, extra=((), (5,)))
     assert stopped == [{"stopped": True}] * 2
-    assert (tmp_path / "two" / "checkpoints" / "pretrain-partial").is_dir()
+    saved = ArmCheckpoints(str(tmp_path / "two"), "pretrain")
+    # The branch point (epoch 0) and 10 steps into epoch 1, each named by its optimiser step.
+    assert [saved._point(step) for step in sorted(saved._manager.all_steps())] == [(0, None), (1, 10)]
+    saved.close()
+    assert (tmp_path / "two" / "checkpoints" / "pretrain" / "10" / "progress").is_dir()
     first, second = _run_two_processes(tmp_path / "two", 2)
     assert (first["devices"], first["processes"]) == (second["devices"], second["processes"]) == (4, 2)
     assert first["summary"] == second["summary"]

@@ -11,15 +11,21 @@ import optax
 import pytest
 
 from oat_jax import config_schema, data, input_pipeline, models, oat, steps, train
+from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
+from oat_jax.experiment import Experiment
+from oat_jax.workdir import WorkdirMismatch
 from conftest import STANDIN_MODEL
 from test_tensorboard import scalars_of
+
+
+TIMINGS = ("epoch_seconds", "compile_seconds")  # the fields two runs of one config may differ in
 
 
 def _state_and_data(config):
     dataset = data.load_dataset(config.dataset)
     model = models.create_model(config.model, dataset.num_classes)
-    state = train.create_train_state(model, dataset.train_images.shape[1:], config, seed=0)
+    state = state_lib.create_train_state(model, dataset.train_images.shape[1:], config, seed=0)
     mean, std = input_pipeline.channel_statistics(dataset.train_images)
     return state, dataset, mean, std
 
@@ -63,18 +69,17 @@ def test_evaluation_counts_every_test_sample_once(synthetic_config, eval_batch_s
     synthetic_config.eval_batch_size = eval_batch_size
     synthetic_config.shuffle_eval = False
     synthetic_config.num_seeds = 2
-    dataset = data.load_dataset(synthetic_config.dataset)
-    mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    states = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
-    accuracy = train.evaluate(states, dataset, synthetic_config, mean, std)
+    exp = Experiment.build(synthetic_config)
+    dataset, mean, std, states = exp.dataset, exp.mean, exp.std, exp.template
+    accuracy = train.evaluate(exp, states)
     labels = dataset.test_labels
     for k in range(2):
         params = jax.tree.map(lambda leaf: leaf[k], states.params)
         outputs = np.asarray(states.apply_fn({"params": params}, steps.normalise(dataset.test_images, mean, std)))
         expected_ce = 100.0 * np.mean(outputs.argmax(-1) == labels)
         correct = np.sum(_numpy_oat_predictions(outputs, eval_batch_size) == labels)
-        assert accuracy["ce"][k] == pytest.approx(expected_ce, abs=1e-9)
-        assert accuracy["oat"][k] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
+        assert accuracy["argmax"][k] == pytest.approx(expected_ce, abs=1e-9)
+        assert accuracy["anchor"][k] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
 
 
 def _numpy_oat_predictions(outputs, batch_size):
@@ -105,11 +110,10 @@ def test_telemetry_of_every_epoch(synthetic_config, tmp_path):
     # The released anchor stays within [1/(e C), e/C], so the targets' magnitude stays below e C - 1.
     assert all(1.0 <= r["max_target"] < np.e * 4 - 1 for r in records if r["arm"] == "oat")
     # The last OAT epoch's prediction shares, recounted from its checkpoint with NumPy decoding.
-    dataset = data.load_dataset(synthetic_config.dataset)
-    mean, std = input_pipeline.channel_statistics(dataset.train_images)
+    exp = Experiment.build(synthetic_config)
+    dataset, mean, std = exp.dataset, exp.mean, exp.std
     manager = ArmCheckpoints(str(tmp_path / "run"), "oat")
-    state = manager.restore(3, train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1),
-                                                     synthetic_config))
+    state = manager.restore(3, exp.template)
     manager.close()
     params = jax.tree.map(lambda leaf: leaf[0], state.params)
     outputs = np.asarray(state.apply_fn({"params": params}, steps.normalise(dataset.test_images, mean, std)))
@@ -117,14 +121,28 @@ def test_telemetry_of_every_epoch(synthetic_config, tmp_path):
     np.testing.assert_allclose(records[-1]["prediction_share"], np.bincount(predicted, minlength=4) / 75, atol=1e-9)
 
 
-def test_largest_target_is_the_largest_oat_target():
+def test_the_metrics_of_the_steps_add_up_on_the_device():
+    """Three steps' metrics, accumulated inside the step, against hand-computed NumPy values: loss times rows,
+    anchor sums, the largest OAT target (|onehot / a - 1| over real rows), the sampled anchors, and the first
+    non-finite step with its loss."""
     rng = np.random.default_rng(0)
-    anchors = rng.dirichlet(np.ones(5), size=(3, 2))  # (steps, replicas, classes)
-    labels = rng.integers(0, 5, size=(3, 2, 6))
-    masks = rng.random((3, 2, 6)) < 0.7
-    expected = [max(np.abs(oat.oat_targets(labels[s, k][masks[s, k]], anchors[s, k].astype(np.float32), 5)).max()
-                    for s in range(3) if masks[s, k].any()) for k in range(2)]
-    np.testing.assert_allclose(train._max_targets(anchors, labels, masks), expected, rtol=1e-5)
+    anchors = rng.dirichlet(np.ones(5), size=3).astype(np.float32)  # (steps, classes)
+    labels = rng.integers(0, 5, size=(3, 6)).astype(np.int32)
+    masks = rng.random((3, 6)) < 0.7
+    masks[:, 0] = True
+    losses = np.array([0.5, np.nan, 2.0], np.float32)
+    metrics = jax.tree.map(lambda leaf: leaf[0], steps.new_metrics(1, 5))
+    for s in range(3):
+        metrics = steps._accumulate(metrics, losses[s], anchors[s], labels[s], masks[s], np.array([0, 0, 1, 2, 2]),
+                                    uses_anchor=True)
+    rows = masks.sum(axis=1)
+    assert int(metrics["rows"]) == rows.sum() and int(metrics["steps"]) == 3
+    assert np.isnan(metrics["loss_sum"])  # the NaN step is counted, and reported:
+    assert int(metrics["first_bad_step"]) == 1 and np.isnan(metrics["bad_loss"])
+    np.testing.assert_allclose(metrics["anchor_sum"], (anchors * rows[:, None]).sum(axis=0), rtol=1e-6)
+    expected = max(np.abs(oat.oat_targets(labels[s][masks[s]], anchors[s], 5)).max() for s in range(3))
+    np.testing.assert_allclose(metrics["max_target"], expected, rtol=1e-5)
+    np.testing.assert_array_equal(metrics["sampled_anchors"], anchors[[0, 0, 1, 2, 2]])
 
 
 def _run(config, workdir, stop_after=None):
@@ -147,25 +165,25 @@ def test_both_arms_learn_and_branch_from_the_same_pretraining(synthetic_config, 
     assert all("anchor_entropy" in r for r in records if r["arm"] == "oat")
     assert json.load(open(tmp_path / "both" / "summary.json")) == json.loads(json.dumps(summary))
     # Each arm alone gives what it gives inside "both": the branches really share the pre-training.
-    for method in ("ce", "oat"):
-        synthetic_config.method = method
-        alone, _ = _run(synthetic_config, tmp_path / method)
-        assert alone["arms"][method] == summary["arms"][method]
+    for arms in ("ce", "oat"):
+        synthetic_config.arms = arms
+        alone, _ = _run(synthetic_config, tmp_path / arms)
+        assert alone["arms"][arms] == summary["arms"][arms]
 
 
 def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, tmp_path, monkeypatch):
     """The OAT arm starts from a zero momentum trace with reset_momentum, else from the pre-training's last."""
     synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.method = 3, 2, "oat"
-    run_phase, starting_traces = train._run_phase, {}
+    run_arm, starting_traces = train._run_arm, {}
 
-    def recording(states, dataset, config, arm, *args):
-        if arm == "oat":  # copied before the phase's steps donate (overwrite) the state
-            starting_traces[config.reset_momentum] = jax.device_get(optax.tree_utils.tree_get(states.opt_state,
-                                                                                              "trace"))
-        return run_phase(states, dataset, config, arm, *args)
+    def recording(exp, states, arm, *args, **kwargs):
+        if arm == "oat":  # copied before the arm's steps donate (overwrite) the state
+            starting_traces[exp.config.reset_momentum] = jax.device_get(
+                optax.tree_utils.tree_get(states.opt_state, "trace"))
+        return run_arm(exp, states, arm, *args, **kwargs)
 
-    monkeypatch.setattr(train, "_run_phase", recording)
-    template = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
+    monkeypatch.setattr(train, "_run_arm", recording)
+    template = Experiment.build(synthetic_config).template
     for reset in (True, False):
         synthetic_config.reset_momentum = reset
         _run(synthetic_config, tmp_path / str(reset))
@@ -213,19 +231,28 @@ def test_a_stop_part_way_through_an_epoch_is_saved_and_finished_exactly(syntheti
 
     monkeypatch.setattr(steps, "train_step_replicas", step_then_maybe_stop)
     workdir = tmp_path / "stopped"
-    for arm in ("pretrain", "pretrain", "ce"):
+    for arm, point in (("pretrain", (1, 5)), ("pretrain", (2, 7)), ("ce", (3, 7))):
         with pytest.raises(KeyboardInterrupt):
             _run(synthetic_config, workdir)
-        assert (workdir / "checkpoints" / f"{arm}-partial").is_dir()
+        assert _points(workdir, arm)[-1] == point  # (epoch, steps done of it), at optimiser step 13 (e - 1) + s
     resumed, _ = _run(synthetic_config, workdir)
     assert resumed == expected
     assert len(calls) == 13 * 6  # no step was trained twice
-    assert not any(p.name.endswith("-partial") for p in (workdir / "checkpoints").iterdir())
+    assert _points(workdir, "ce")[-1] == (4, None)
 
     def lines(run):
-        return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
                 for line in open(tmp_path / run / "metrics.jsonl")]
     assert lines("stopped") == lines("straight")
+
+
+def _points(workdir, arm):
+    """The (epoch, steps done or None at an epoch's end) of an arm's checkpoints, by optimiser step."""
+    manager = ArmCheckpoints(str(workdir), arm)
+    try:
+        return [manager._point(step) for step in sorted(manager._manager.all_steps())]
+    finally:
+        manager.close()
 
 
 def _damage(folder):
@@ -246,26 +273,25 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(synthetic_c
     workdir = tmp_path / "damaged"
     with pytest.raises(KeyboardInterrupt):
         _run(synthetic_config, workdir, stop_after=stop_after)
-    _damage(workdir / "checkpoints" / "ce" / str(damaged))
+    step = 13 * damaged  # checkpoints are named by optimiser step, 13 an epoch
+    _damage(workdir / "checkpoints" / "ce" / str(step))
     capsys.readouterr()
     resumed, _ = _run(synthetic_config, workdir)
     warning = capsys.readouterr().err
-    assert f"checkpoints/ce/{damaged} cannot be restored" in warning
-    assert (workdir / "checkpoints" / "corrupt" / f"ce-epoch{damaged}").is_dir()
+    assert f"checkpoints/ce/{step} cannot be restored" in warning
+    assert (workdir / "checkpoints" / "corrupt" / f"ce-step{step}").is_dir()
     assert resumed == expected
 
 
 def test_checkpoints_restore_the_evaluated_state(synthetic_config, tmp_path):
     summary, _ = _run(synthetic_config, tmp_path)
-    dataset = data.load_dataset(synthetic_config.dataset)
-    mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    template = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
-    for arm in ("ce", "oat"):
+    exp = Experiment.build(synthetic_config)
+    for arm, decode in (("ce", "argmax"), ("oat", "anchor")):
         manager = ArmCheckpoints(str(tmp_path), arm)
         assert manager.latest_epoch() == synthetic_config.num_epochs
-        restored = manager.restore(manager.latest_epoch(), template)
+        restored = manager.restore(manager.latest_epoch(), exp.template)
         manager.close()
-        accuracy = train.evaluate(restored, dataset, synthetic_config, mean, std)[arm]
+        accuracy = train.evaluate(exp, restored)[decode]
         assert accuracy == [summary["arms"][arm]["final_test_accuracy"]]
 
 
@@ -273,7 +299,7 @@ def test_a_workdir_with_another_config_is_refused(synthetic_config, tmp_path):
     synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
     _run(synthetic_config, tmp_path)
     synthetic_config.learning_rate = 0.5
-    with pytest.raises(train.WorkdirMismatch, match="learning_rate"):
+    with pytest.raises(WorkdirMismatch, match="learning_rate"):
         _run(synthetic_config, tmp_path)
 
 
@@ -287,7 +313,7 @@ def test_a_workdir_from_before_a_new_field_resumes_while_the_field_keeps_its_def
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     assert _run(synthetic_config, tmp_path)[0] == first
     synthetic_config.anchor_scope = "device"
-    with pytest.raises(train.WorkdirMismatch, match="anchor_scope"):
+    with pytest.raises(WorkdirMismatch, match="anchor_scope"):
         _run(synthetic_config, tmp_path)
 
 
@@ -334,7 +360,7 @@ def test_a_workdir_that_holds_only_a_config_takes_a_new_one(synthetic_config, tm
 
 
 def _without_times(path):
-    return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"} for line in path.read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in path.read_text().splitlines()]
 
 
 def test_a_log_line_cut_short_is_trained_again_so_the_summary_stays_right(synthetic_config, tmp_path, capsys):
@@ -369,16 +395,17 @@ def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_p
     assert ArmCheckpoints(str(tmp_path), "oat").latest_epoch() is None  # nothing diverged was saved
 
 
-def test_a_non_finite_anchor_stops_training_too(synthetic_config, tmp_path, monkeypatch):
+def test_a_non_finite_anchor_stops_training_too(synthetic_config, tmp_path, monkeypatch, request):
     """A finite loss with a non-finite anchor (as in the pre-training, whose loss does not use it) is divergence."""
-    real_step, calls = steps.train_step_replicas, []
+    accumulate = steps._accumulate
 
-    def step_with_a_broken_anchor(*args, **kwargs):
-        calls.append(1)
-        states, loss, anchor = real_step(*args, **kwargs)
-        return states, loss, anchor.at[:, 0].set(jnp.nan) if len(calls) == 3 else anchor
+    def with_a_broken_third_anchor(metrics, loss, anchor, *args, **kwargs):
+        anchor = jnp.where(metrics["steps"] == 2, anchor.at[0].set(jnp.nan), anchor)
+        return accumulate(metrics, loss, anchor, *args, **kwargs)
 
-    monkeypatch.setattr(steps, "train_step_replicas", step_with_a_broken_anchor)
+    monkeypatch.setattr(steps, "_accumulate", with_a_broken_third_anchor)
+    jax.clear_caches()  # the steps compile again with the broken anchor, and again after
+    request.addfinalizer(jax.clear_caches)
     with pytest.raises(train.TrainingDiverged, match=r"arm 'pretrain', epoch 1, step 3 of 13 .*anchor"):
         _run(synthetic_config, tmp_path)
     assert ArmCheckpoints(str(tmp_path), "pretrain").latest_epoch() == 0  # the last good one stays
@@ -386,23 +413,22 @@ def test_a_non_finite_anchor_stops_training_too(synthetic_config, tmp_path, monk
 
 @pytest.mark.parametrize("objective", ["ce", "oat"])
 def test_fused_epoch_gives_the_step_by_step_result(synthetic_config, objective):
-    """The compiled whole-epoch loop (fast path) and the per-step loop (plain path) train the same models:
-    2 replicas, 13 batches of 16, the last one partial and masked."""
-    synthetic_config.num_seeds = 2
-    dataset = data.load_dataset(synthetic_config.dataset)
-    mean, std = input_pipeline.channel_statistics(dataset.train_images)
-    states = train.create_replicas(train.cached_model("lightweight", 4), (16, 16, 1), synthetic_config)
+    """The compiled whole-epoch loop and the per-step loop train the same models on the same batches, padding
+    included: 2 replicas, 13 batches of 16, the last one partial and masked, on a network with BatchNorm
+    (whose statistics the padded rows enter) and dropout."""
+    synthetic_config.num_seeds, synthetic_config.model, synthetic_config.dropout_rate = 2, STANDIN_MODEL, 0.5
+    plain = Experiment.build(synthetic_config)
+    synthetic_config.fused_epoch = True
+    fused = Experiment.build(synthetic_config, plain.dataset)
     copy = lambda s: jax.tree.map(jnp.array, s)
-    plain = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective, mean, std, objective)
-    on_device = jax.device_put((dataset.train_images, dataset.train_labels))
-    fused = train.train_epoch(copy(states), dataset, synthetic_config, 1, objective, mean, std, objective,
-                              on_device=on_device)
-    assert np.asarray(fused.states.step).tolist() == np.asarray(plain.states.step).tolist() == [13, 13]
-    for field in ("losses", "anchors", "max_targets", "sampled_anchors"):
-        np.testing.assert_allclose(getattr(fused, field), getattr(plain, field), rtol=1e-5, err_msg=field)
-    assert plain.sampled_steps.tolist() == fused.sampled_steps.tolist() == [1, 4, 7, 10, 13]
-    fused, plain = fused.states, plain.states
-    _leaves_close(fused.params, plain.params, rtol=1e-5, atol=1e-6)
+    plain_states, plain_metrics = train.train_epoch(plain, copy(plain.template), 1, objective, objective)
+    fused_states, fused_metrics = train.train_epoch(fused, copy(plain.template), 1, objective, objective)
+    assert np.asarray(fused_states.step).tolist() == np.asarray(plain_states.step).tolist() == [13, 13]
+    assert plain_metrics.keys() == fused_metrics.keys()
+    for name in plain_metrics:
+        np.testing.assert_allclose(fused_metrics[name], plain_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    _leaves_close(fused_states.params, plain_states.params, rtol=1e-5, atol=1e-6)
+    _leaves_close(fused_states.batch_stats, plain_states.batch_stats, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("vectorised", [False, True], ids=["replica-loop", "vmap"])
@@ -415,10 +441,8 @@ def test_replicas_train_like_separate_runs(synthetic_config, tmp_path, monkeypat
     synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 3, 1
     synthetic_config.num_seeds = 2
     together, _ = _run(synthetic_config, tmp_path / "together")
-    shape = (16, 16, 1)
-    model = train.cached_model("lightweight", 4)
     stacked = ArmCheckpoints(str(tmp_path / "together"), "oat")
-    both = stacked.restore(3, train.create_replicas(model, shape, synthetic_config))
+    both = stacked.restore(3, Experiment.build(synthetic_config).template)
     stacked.close()
     synthetic_config.num_seeds = 1
     for k, seed in enumerate((0, 1)):
@@ -427,9 +451,24 @@ def test_replicas_train_like_separate_runs(synthetic_config, tmp_path, monkeypat
         for arm in ("ce", "oat"):
             assert together["arms"][arm]["seeds"][str(seed)] == alone["arms"][arm]["seeds"][str(seed)]
         single = ArmCheckpoints(str(tmp_path / f"seed{seed}"), "oat")
-        params = single.restore(3, train.create_replicas(model, shape, synthetic_config)).params
+        params = single.restore(3, Experiment.build(synthetic_config).template).params
         single.close()
         _leaves_close(jax.tree.map(lambda leaf: leaf[k], both.params), jax.tree.map(lambda leaf: leaf[0], params),
                       rtol=1e-5, atol=1e-6)
     assert together["arms"]["oat"]["final_test_accuracy"] == pytest.approx(np.mean(
         [together["arms"]["oat"]["seeds"][s]["final_test_accuracy"] for s in ("0", "1")]))
+
+
+def test_a_workdir_of_the_method_field_resumes_under_arms(synthetic_config, tmp_path):
+    """A run recorded with the older ``method`` field (method "both", no arms) is the run of arms "ce,oat":
+    rerun either way, it is finished and nothing is trained again. Both ways name the same arms."""
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
+    first, _ = _run(synthetic_config, tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    del recorded["arms"]
+    recorded["method"] = "both"
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert _run(synthetic_config, tmp_path) == (first, [])
+    synthetic_config.method = "both"
+    assert config_schema.arms_of(synthetic_config) == ["ce", "oat"]
+    assert _run(synthetic_config, tmp_path) == (first, [])

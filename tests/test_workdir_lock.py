@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from oat_jax import train, workdir as workdir_lib
+from oat_jax import experiment, train, workdir as workdir_lib
 from oat_jax.data import fashion_mnist
-from oat_jax.workdir import WorkdirBusy, hold_lock
+from oat_jax.workdir import WorkdirBusy, WorkdirMismatch, hold_lock
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _HOLDER = ("import sys, time; from oat_jax.workdir import hold_lock\n"
@@ -74,15 +74,15 @@ def test_a_run_releases_the_lock_when_it_raises_or_returns_and_the_lock_file_is_
 def test_a_run_that_trained_there_between_the_check_and_the_lock_is_still_refused(synthetic_config, tmp_path,
                                                                                    monkeypatch):
     run = tmp_path / "run"
-    check_inputs = train._check_inputs
+    check_inputs = experiment.check_inputs  # called while the experiment is built, before the lock is taken
 
     def another_run_trains_meanwhile(config, dataset):
         check_inputs(config, dataset)
         run.mkdir()
         (run / "config.json").write_text('{"learning_rate": 0.5}')
         (run / "metrics.jsonl").write_text("")
-    monkeypatch.setattr(train, "_check_inputs", another_run_trains_meanwhile)
-    with pytest.raises(train.WorkdirMismatch, match="holds a run with a different config"):
+    monkeypatch.setattr(experiment, "check_inputs", another_run_trains_meanwhile)
+    with pytest.raises(WorkdirMismatch, match="holds a run with a different config"):
         _run(synthetic_config, run)
     assert (run / "config.json").read_text() == '{"learning_rate": 0.5}'
     with hold_lock(str(run)):  # released

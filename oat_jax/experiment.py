@@ -1,0 +1,136 @@
+"""An experiment, built once from its config: the dataset and its normalisation, the model, the device mesh,
+the replicas' initial states, and the jitted steps bound to all of these. The training loop and the
+evaluation take it instead of a dozen arguments."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from oat_jax import config_schema, data, input_pipeline, models, sharding, steps
+from oat_jax import state as state_lib
+from oat_jax.objectives import LossSettings
+
+# ImageNet's per-channel mean and standard deviation, for models pretrained on it (torchvision's values).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalisation_statistics(config, dataset: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel mean and std that the steps standardise images with."""
+    if config.normalisation == "imagenet":
+        if dataset.train_images.shape[-1] != 3:
+            raise data.DatasetError(f"normalisation 'imagenet' needs RGB images; {dataset.name} has "
+                                    f"{dataset.train_images.shape[-1]} channel(s)")
+        return IMAGENET_MEAN, IMAGENET_STD
+    return input_pipeline.channel_statistics(dataset.train_images)
+
+
+def check_inputs(config, dataset: data.Dataset) -> None:
+    """What the config asks of this dataset and model, checked before anything is written or built."""
+    samples = len(dataset.train_labels)
+    if config.batch_size > samples:
+        raise config_schema.ConfigError(
+            f"batch_size {config.batch_size} is larger than the training set ({samples} samples); "
+            f"use --config.batch_size={samples} or less")
+    shape = dataset.train_images.shape[1:]
+    problem = models.input_problem(config.model, dataset.num_classes, config.dropout_rate, shape)
+    if problem:
+        raise config_schema.ConfigError(
+            f"model '{config.model}' cannot take {'x'.join(map(str, shape))} images: {problem}; "
+            + ("choose another --config.image_size" if config.image_size else "set --config.image_size to a size "
+               "it takes"))
+
+
+def fused_epochs(config) -> bool:
+    """Whether epochs run as one compiled loop: as ``fused_epoch`` says, or by default on accelerators only.
+    XLA:CPU runs the convolutions' gradients inside a compiled loop through a slower generic path (about 2x
+    the epoch, ``benchmarks/results/cpu_epoch_time.json``), so there the steps go one by one."""
+    return config.fused_epoch if config.fused_epoch is not None else jax.default_backend() != "cpu"
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: Any
+    dataset: data.Dataset
+    mean: np.ndarray
+    std: np.ndarray
+    mesh: Any  # jax.sharding.Mesh over all devices, None on one device
+    seeds: list[int]  # the replicas trained side by side
+    arms: list[str]  # objective names, each trained from the shared pre-training
+    template: Any  # the replicas' initial states (a restored checkpoint takes its structure)
+    on_device: tuple | None  # (train images, labels) on every device, for fused epochs
+    train_step: Callable  # steps.train_step_replicas, bound; (states, metrics, *batch, sample_at, objective=)
+    train_steps_on_device: Callable  # steps.train_steps_on_device, bound
+    eval_step: Callable  # steps.eval_step_replicas, bound; (states, *batch, decodes=)
+
+    @classmethod
+    def build(cls, config, dataset: data.Dataset | None = None) -> Experiment:
+        """Loads the dataset (unless given), checks that the model can take it, and creates the states;
+        ConfigError, DatasetError or WeightsError in one line when it cannot."""
+        mesh = sharding.data_mesh()
+        sharding.check_batch_sizes(config, mesh)
+        pretrained = state_lib.pretrained_path(config)
+        if dataset is None:
+            dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
+                                        image_size=config.image_size)
+        check_inputs(config, dataset)
+        model = state_lib.cached_model(config.model, dataset.num_classes, config.dropout_rate)
+        mean, std = normalisation_statistics(config, dataset)
+        template = state_lib.create_replicas(model, dataset.train_images.shape[1:], config, pretrained)
+        # A fused epoch gathers its batches on the devices: every device holds the whole training set.
+        on_device = (sharding.place_states((dataset.train_images, dataset.train_labels), mesh)
+                     if fused_epochs(config) else None)
+        settings = LossSettings(config.variant, config.anchor_gradient, sharding.anchor_groups(config, mesh))
+        return cls(config, dataset, mean, std, mesh, state_lib.replica_seeds(config),
+                   config_schema.arms_of(config), template, on_device,
+                   functools.partial(steps.train_step_replicas, mean=mean, std=std, settings=settings),
+                   functools.partial(steps.train_steps_on_device, mean=mean, std=std, settings=settings,
+                                     batch_size=config.batch_size, batch_sharding=sharding.batch_sharding(mesh)),
+                   functools.partial(steps.eval_step_replicas, mean=mean, std=std, variant=config.variant))
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def new_metrics(self) -> dict:
+        return steps.new_metrics(len(self.seeds), self.num_classes)
+
+    def steps_per_epoch(self) -> int:
+        return input_pipeline.num_batches(len(self.dataset.train_labels), self.config.batch_size)
+
+    def epoch_orders(self, epoch: int) -> np.ndarray:
+        """Each replica's sample order of ``epoch``, padded to whole batches (K, S·B): the padding repeats the
+        last batch's first sample, masked out of losses and anchors, the same for fused and stepwise epochs."""
+        size, batch = len(self.dataset.train_labels), self.config.batch_size
+        orders = np.stack([input_pipeline.epoch_order(size, seed, epoch) for seed in self.seeds])
+        padding = self.steps_per_epoch() * batch - size
+        last_first = orders[:, (size - 1) // batch * batch]
+        return np.concatenate([orders, np.repeat(last_first[:, None], padding, axis=1)], axis=1).astype(np.int32)
+
+    def train_batches(self, orders: np.ndarray, first_step: int) -> Iterator[tuple]:
+        """The host batches (K, B, ...) of ``orders`` from step ``first_step`` on: images, labels, masks."""
+        batch, size = self.config.batch_size, len(self.dataset.train_labels)
+        for start in range(first_step * batch, orders.shape[1], batch):
+            index = orders[:, start:start + batch]
+            masks = np.broadcast_to(start + np.arange(batch) < size, index.shape)
+            yield self.dataset.train_images[index], self.dataset.train_labels[index].astype(np.int32), masks
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple]:
+        """The test set in batches (K, B, ...) of ``batch_size``, each replica in its own fixed order."""
+        orders = [input_pipeline.eval_order(len(self.dataset.test_labels), seed, self.config.shuffle_eval)
+                  for seed in self.seeds]
+        per_replica = [input_pipeline.batches(self.dataset.test_images, self.dataset.test_labels, order, batch_size)
+                       for order in orders]
+        for parts in zip(*per_replica):
+            yield tuple(np.stack(arrays) for arrays in zip(*parts))
+
+    def place(self, batch: tuple) -> tuple:
+        return sharding.place_batch(batch, self.mesh)
+
+    def fresh_optimiser(self, states):
+        """The states with a new optimiser state (momentum zeroed), as an arm starts with ``reset_momentum``."""
+        return states.replace(opt_state=jax.vmap(states.tx.init)(states.params))

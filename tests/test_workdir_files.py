@@ -1,0 +1,187 @@
+"""oat_jax.workdir's files: a config's identity (the old ``method`` and the new ``arms`` compared alike),
+config.json read with the defaults of older runs, checked and recorded, and the summary of any arms."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from oat_jax import workdir
+from oat_jax.config_schema import base_config
+
+
+def _new_config(**fields):
+    """A config's ``to_dict()`` as the arms-era schema makes it: ``arms`` set, the shorthand ``method`` unset."""
+    return {**base_config().to_dict(), "arms": "ce,oat", "method": "", **fields}
+
+
+def _old_record(**fields):
+    """config.json as a run made before ``arms`` recorded it: no arms, ``method`` "both", no cosmetic field."""
+    config = {k: v for k, v in base_config().to_dict().items() if k not in workdir.COSMETIC_FIELDS}
+    config.pop("arms", None)
+    return {**config, "method": "both", **fields}
+
+
+def _workdir(path, record, trained=True):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(record))
+    if trained:
+        (path / "metrics.jsonl").write_text("")
+    return path
+
+
+def test_identity_folds_the_old_method_into_arms_and_drops_the_cosmetic_fields():
+    old = {"learning_rate": 0.01, "method": "both", "progress": True, "steps_in_flight": 2,
+           "distributed": {"num_processes": 0}, "stall_timeout_seconds": 30.0}
+    new = {"learning_rate": 0.01, "arms": "ce,oat", "method": "", "progress": False}
+    assert workdir.identity(old) == {"learning_rate": 0.01, "arms": "ce,oat"}
+    assert workdir.identity(new) == {"learning_rate": 0.01, "arms": "ce,oat"}
+    # A set method overrides arms; neither set: both arms, the default.
+    assert workdir.identity({"arms": "ce,oat", "method": "oat"}) == {"arms": "oat"}
+    assert workdir.identity({"method": "ce"}) == {"arms": "ce"}
+    assert workdir.identity({"seed": 3}) == {"seed": 3, "arms": "ce,oat"}
+    assert workdir.identity({"arms": " oat, oat_uniform", "method": ""}) == {"arms": "oat,oat_uniform"}
+
+
+def test_read_config_fills_the_fields_an_older_run_predates(tmp_path):
+    _workdir(tmp_path / "run", {"dataset": "cifar10", "method": "ce", "learning_rate": 0.01,
+                                "paper": {"table": "Table 4", "setting": "CIFAR-10, lightweight CNN"},
+                                "retired_field": 7}, trained=False)
+    config = workdir.read_config(str(tmp_path / "run"))
+    assert config["dataset"] == "cifar10" and config["learning_rate"] == 0.01
+    assert config["method"] == "ce" and config["arms"] == "ce"  # arms from the method; the method kept
+    assert config["retired_field"] == 7  # a field unknown to this version is kept: it may tell runs apart
+    # Fields the file lacks: base_config()'s values, the paper's group completed field by field.
+    assert config["num_epochs"] == 100 and config["pretrain_epochs"] == 10 and config["batch_size"] == 32
+    assert config["anchor_scope"] == "global" and config["seed"] == 0 and config["progress"] is True
+    assert config["paper"] == {"table": "Table 4", "setting": "CIFAR-10, lightweight CNN", "ce": 0.0, "oat": 0.0}
+    _workdir(tmp_path / "bare", {}, trained=False)
+    assert workdir.read_config(str(tmp_path / "bare"))["arms"] == "ce,oat"
+
+
+def test_read_config_errors_are_one_line_naming_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1, 2]")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(workdir.WorkdirError, match=r"^config\.json is missing: is this an oat_jax workdir\?$"):
+        workdir.read_config(str(tmp_path / "empty"))
+    with pytest.raises(workdir.WorkdirError, match=r"^config\.json is not a JSON object$"):
+        workdir.read_config(str(tmp_path / "list"))
+    with pytest.raises(workdir.WorkdirError, match=r"^config\.json is not valid JSON \(Expecting property name"):
+        workdir.read_config(str(tmp_path / "broken"))
+    with pytest.raises(workdir.WorkdirError, match=r"^no summary\.json \(an unfinished or refused run\)$"):
+        workdir.read_summary(str(tmp_path / "empty"))
+
+
+def test_check_config_accepts_an_old_method_both_run_for_the_same_arms(tmp_path):
+    # anchor_scope: a field the run predates, its default ("global") then.
+    record = {k: v for k, v in _old_record().items() if k != "anchor_scope"}
+    run = _workdir(tmp_path / "run", record)
+    workdir.check_config(str(run), _new_config())
+    workdir.check_config(str(run), _new_config(progress=False, steps_in_flight=0))  # cosmetic fields may change
+    workdir.check_config(str(run), _new_config(arms="oat,ce", method="both"))  # the method decides
+    assert json.loads((run / "config.json").read_text()) == record  # read only
+
+
+def test_check_config_refuses_a_changed_field_naming_it(tmp_path):
+    run = _workdir(tmp_path / "run", _old_record())
+    expected = (f"workdir {run} holds a run with a different config (fields: {{}}); rerun with the same config "
+                "to resume it, or pass a new --workdir to start fresh")
+    with pytest.raises(workdir.WorkdirMismatch) as error:
+        workdir.check_config(str(run), _new_config(learning_rate=0.01))
+    assert str(error.value) == expected.format("learning_rate")
+    with pytest.raises(workdir.WorkdirMismatch) as error:
+        workdir.check_config(str(run), _new_config(arms="oat", anchor_scope="device"))
+    assert str(error.value) == expected.format("anchor_scope, arms")
+    # A field the run predates is a change only when the new config sets another value than its default.
+    predates = _workdir(tmp_path / "predates", {k: v for k, v in _old_record().items() if k != "anchor_scope"})
+    with pytest.raises(workdir.WorkdirMismatch, match=r"\(fields: anchor_scope\)"):
+        workdir.check_config(str(predates), _new_config(anchor_scope="device"))
+
+
+def test_check_config_lets_a_new_config_take_a_folder_without_a_trained_run(tmp_path):
+    untrained = _workdir(tmp_path / "config_only", {"learning_rate": 0.5}, trained=False)
+    workdir.check_config(str(untrained), _new_config())
+    workdir.check_config(str(tmp_path / "nowhere"), _new_config())
+    broken = _workdir(tmp_path / "broken", {})
+    (broken / "config.json").write_text("[]")
+    with pytest.raises(workdir.WorkdirMismatch) as error:
+        workdir.check_config(str(broken), _new_config())
+    assert str(error.value) == (f"workdir {broken} holds a run whose config.json is not a JSON object; pass a new "
+                                "--workdir to start fresh")
+
+
+def test_record_config_writes_all_but_the_cosmetic_fields_and_keeps_an_equal_record(tmp_path):
+    config = {"learning_rate": 0.01, "arms": "ce,oat", "method": "", "progress": True, "steps_in_flight": 2,
+              "stall_timeout_seconds": 30.0, "distributed": {"num_processes": 0}, "paper": {"table": ""}}
+    run = tmp_path / "new" / "run"
+    workdir.record_config(str(run), config)
+    recorded = {"learning_rate": 0.01, "arms": "ce,oat", "method": "", "paper": {"table": ""}}
+    assert json.loads((run / "config.json").read_text()) == recorded
+    (run / "config.json").write_text(json.dumps(recorded))  # compact: rewriting would indent it
+    workdir.record_config(str(run), {**config, "progress": False})
+    assert (run / "config.json").read_text() == json.dumps(recorded)
+    workdir.record_config(str(run), {**config, "learning_rate": 0.1})
+    assert json.loads((run / "config.json").read_text()) == {**recorded, "learning_rate": 0.1}
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # no temporary file left
+
+
+def _record(arm, epoch, seed, accuracy):
+    return {"arm": arm, "epoch": epoch, "seed": seed, "test_accuracy": accuracy, "train_loss": 1.0}
+
+
+def test_summarise_any_arms_ce_continuing_the_pretraining():
+    records = [_record("pretrain", 1, 0, 70.0), _record("pretrain", 1, 1, 50.0)]
+    for seed, per_arm in ((0, {"ce": (60.0, 65.0), "oat": (66.0, 64.0), "ce_smooth": (61.0, 63.0)}),
+                          (1, {"ce": (55.0, 57.0), "oat": (68.0, 70.0), "ce_smooth": (62.0, 61.0)})):
+        for arm, accuracies in per_arm.items():
+            records += [_record(arm, epoch, seed, accuracy) for epoch, accuracy in zip((2, 3), accuracies)]
+    summary = workdir.summarise(records, ["ce", "oat", "ce_smooth", "oat_uniform"], {"table": ""})
+    assert summary["paper"] is None and list(summary["arms"]) == ["ce", "oat", "ce_smooth"]  # no epoch: left out
+    # Cross-entropy's history starts with the pre-training: seed 0's best is its pre-training epoch 1.
+    assert summary["arms"]["ce"] == {
+        "seeds": {"0": {"final_test_accuracy": 65.0, "final_epoch": 3, "best_test_accuracy": 70.0, "best_epoch": 1},
+                  "1": {"final_test_accuracy": 57.0, "final_epoch": 3, "best_test_accuracy": 57.0, "best_epoch": 3}},
+        "final_epoch": 3, "final_test_accuracy": 61.0, "final_test_accuracy_std": pytest.approx(math.sqrt(32)),
+        "best_test_accuracy": 63.5, "best_test_accuracy_std": pytest.approx(13 / math.sqrt(2))}
+    assert summary["arms"]["oat"] == {
+        "seeds": {"0": {"final_test_accuracy": 64.0, "final_epoch": 3, "best_test_accuracy": 66.0, "best_epoch": 2},
+                  "1": {"final_test_accuracy": 70.0, "final_epoch": 3, "best_test_accuracy": 70.0, "best_epoch": 3}},
+        "final_epoch": 3, "final_test_accuracy": 67.0, "final_test_accuracy_std": pytest.approx(6 / math.sqrt(2)),
+        "best_test_accuracy": 68.0, "best_test_accuracy_std": pytest.approx(4 / math.sqrt(2))}
+    # Another objective's arm: its own epochs only (the pre-training's 70 is not its best).
+    assert summary["arms"]["ce_smooth"] == {
+        "seeds": {"0": {"final_test_accuracy": 63.0, "final_epoch": 3, "best_test_accuracy": 63.0, "best_epoch": 3},
+                  "1": {"final_test_accuracy": 61.0, "final_epoch": 3, "best_test_accuracy": 62.0, "best_epoch": 2}},
+        "final_epoch": 3, "final_test_accuracy": 62.0, "final_test_accuracy_std": pytest.approx(math.sqrt(2)),
+        "best_test_accuracy": 62.5, "best_test_accuracy_std": pytest.approx(1 / math.sqrt(2))}
+    one_seed = workdir.summarise([r for r in records if r["seed"] == 1], ["ce_smooth"], {"table": "Table 1"})
+    assert one_seed == {"paper": {"table": "Table 1"}, "arms": {"ce_smooth": {
+        "seeds": {"1": {"final_test_accuracy": 61.0, "final_epoch": 3, "best_test_accuracy": 62.0, "best_epoch": 2}},
+        "final_epoch": 3, "final_test_accuracy": 61.0, "final_test_accuracy_std": 0.0, "best_test_accuracy": 62.0,
+        "best_test_accuracy_std": 0.0, "best_epoch": 2}}}
+
+
+def test_metrics_log_keeps_the_checkpointed_epochs_and_reads_up_to_a_cut_line(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    log = workdir.MetricsLog(path)
+    for record in (_record("pretrain", 1, 0, 50.0), _record("ce", 2, 0, 60.0), _record("oat", 2, 0, 61.0),
+                   _record("oat", 3, 0, 62.0)):
+        log.append(record)
+    log.keep_only({"pretrain": 1, "oat": 2})
+    kept = [_record("pretrain", 1, 0, 50.0), _record("oat", 2, 0, 61.0)]
+    assert log.records() == kept and workdir.read_records(path) == kept
+    with open(path, "a") as f:
+        f.write('{"arm": "oat", "epo')  # a line cut short by a kill
+    assert workdir.read_records(path) == kept
+    assert workdir.read_records(str(tmp_path / "none.jsonl")) == []
+
+
+def test_the_workdir_module_and_the_plots_import_no_jax_and_no_report():
+    code = ("import sys, oat_jax.workdir, oat_jax.plots; "
+            "print(sorted(m for m in ('jax', 'oat_jax.report', 'oat_jax.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
