@@ -12,8 +12,8 @@ for cross-entropy, each test batch's own anchor for OAT).
 
 Arms:
 - JAX ``ce`` and ``oat``: the training loop's own ``train.train_epoch`` and ``train.evaluate`` on an
-  ``Experiment`` built from ``base_config()``, step by step from host memory (``fused_epoch=False``, the
-  default); ``ce_fused`` and ``oat_fused`` (unless ``--no-fused``): the same epochs fused into one compiled
+  ``Experiment`` built from ``base_config()``, step by step from host memory (``fused_epoch=False``, what
+  the default chooses on CPU); ``ce_fused`` and ``oat_fused`` (unless ``--no-fused``): the same epochs fused into one compiled
   loop over device-resident data (``fused_epoch=True``). On XLA:CPU the fused loop is the slower one (XLA:CPU
   runs the convolutions inside a while loop through a slower generic path); it is measured to show by how much.
 - PyTorch ``torch_ce`` and ``torch_oat`` (when torch is importable, unless ``--no-torch``):

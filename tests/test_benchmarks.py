@@ -20,7 +20,7 @@ def _run(module, *args, env=None):
 def test_step_time_reports_both_arms_and_ratios(tmp_path):
     out = tmp_path / "step.json"
     printed = json.loads(_run("benchmarks.step_time", "--steps", "3", "--repeats", "2", "--image-shape", "20,20,2",
-                              "--seeds", "1,2", "--out", str(out)).stdout)
+                              "--seeds", "2", "--out", str(out)).stdout)
     assert json.loads(out.read_text()) == printed
     for table in ("train_ms", "eval_ms"):
         for arm in ("ce", "oat"):

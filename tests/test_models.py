@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from oat_jax import models
@@ -30,3 +31,18 @@ def test_too_small_images_are_refused_clearly():
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ValueError, match="lightweight"):
         models.create_model("resnet9000", num_classes=3)
+
+
+def test_the_lightweight_cnns_max_pool_has_flaxs_values_and_gradient():
+    """The 2x2 max-pool written as a reshape: the same outputs as flax's reduce-window pool, and the same
+    gradient, ties included (the first maximum of a window, row by row, takes it), for odd sizes too."""
+    import flax.linen as nn
+    from oat_jax.models.lightweight import max_pool_2x2
+    rng = np.random.default_rng(0)
+    for shape in [(3, 8, 10, 2), (2, 9, 7, 3)]:
+        x = rng.integers(0, 3, shape).astype(np.float32)  # small integers: many tied maxima
+        reference, pull_reference = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), x)
+        pooled, pull = jax.vjp(max_pool_2x2, x)
+        np.testing.assert_array_equal(pooled, reference)
+        gradient = rng.normal(size=reference.shape).astype(np.float32)
+        np.testing.assert_array_equal(pull(gradient)[0], pull_reference(gradient)[0])
