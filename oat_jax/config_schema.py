@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.arms = "ce,oat"           # objectives trained from one shared pre-training (oat_jax.objectives)
     config.method = ""               # shorthand for arms, as older configs say: "both", "ce" or "oat"
     config.variant = "released"      # OAT anchor: "released" (double softmax) or "paper" (eq. 1)
+    config.square_k = 1.0            # the "square" arm: weight k of the label's term (Hui & Belkin)
+    config.square_m = 1.0            # the "square" arm: target M of the label's output
+    config.label_smoothing = 0.1     # the "ce_smooth" arm: optax.smooth_labels' alpha
     config.anchor_gradient = config_dict.placeholder(bool)  # None = the variant's own behaviour
     config.seed = 0
     config.num_seeds = 1             # replicas trained side by side in one program, seeds seed..seed+K-1
@@ -114,6 +117,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"variant must be one of {', '.join(oat.VARIANTS)}, got '{config.variant}'")
     require(config.normalisation in NORMALISATIONS,
             f"normalisation must be one of {', '.join(NORMALISATIONS)}, got '{config.normalisation}'")
+    require(config.square_k > 0, f"square_k must be positive, got {config.square_k}")
+    require(0 <= config.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {config.label_smoothing}")
     require(0 <= config.dropout_rate < 1, f"dropout_rate must lie in [0, 1), got {config.dropout_rate}")
     require(config.image_size >= 0, f"image_size must be non-negative (0 = as stored), got {config.image_size}")
     require(config.num_epochs >= 1, f"num_epochs must be at least 1, got {config.num_epochs}")

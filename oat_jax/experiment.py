@@ -84,7 +84,8 @@ class Experiment:
         # A fused epoch gathers its batches on the devices: every device holds the whole training set.
         on_device = (sharding.place_states((dataset.train_images, dataset.train_labels), mesh)
                      if fused_epochs(config) else None)
-        settings = LossSettings(config.variant, config.anchor_gradient, sharding.anchor_groups(config, mesh))
+        settings = LossSettings(config.variant, config.anchor_gradient, sharding.anchor_groups(config, mesh),
+                                config.square_k, config.square_m, config.label_smoothing)
         return cls(config, dataset, mean, std, mesh, state_lib.replica_seeds(config),
                    config_schema.arms_of(config), template, on_device,
                    functools.partial(steps.train_step_replicas, mean=mean, std=std, settings=settings),

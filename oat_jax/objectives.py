@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -21,12 +22,16 @@ class LossSettings(NamedTuple):
     variant: str = "released"
     anchor_gradient: bool | None = None
     anchor_groups: int = 1  # OAT anchors per batch: one per device with anchor_scope="device"
+    square_k: float = 1.0
+    square_m: float = 1.0
+    label_smoothing: float = 0.1
 
 
 class Objective(NamedTuple):
     loss: Callable  # (outputs (B, C), labels (B,), mask (B,), settings) -> (B,), 0 on padded rows
-    decode: str  # "argmax" or "anchor"
+    decode: str  # "argmax", "anchor" (OAT's, with the config's variant) or "anchor_paper"
     uses_anchor: bool
+    variant: str | None = None  # the anchor variant of its telemetry and decoding; None = the config's
 
 
 def cross_entropy(outputs, labels, mask, settings: LossSettings):
@@ -40,9 +45,43 @@ def oat_regression(outputs, labels, mask, settings: LossSettings):
                                 anchor_gradient=settings.anchor_gradient)
 
 
+def oat_paper(outputs, labels, mask, settings: LossSettings):
+    """OAT with the paper's anchor softmax(mean z) (eq. 1) and constant targets, whatever ``variant`` says: both
+    anchors can be arms of one run, from one pre-training."""
+    return oat.grouped_oat_loss(outputs, labels, mask, groups=settings.anchor_groups, variant="paper")
+
+
+def oat_uniform(outputs, labels, mask, settings: LossSettings):
+    """OAT's loss with the anchor fixed at the uniform 1/C: targets C·onehot(y) - 1. Only the online anchor is
+    taken away (the same targets function and squared error as ``oat.oat_loss``)."""
+    classes = outputs.shape[-1]
+    targets = oat.oat_targets(labels, jnp.full((classes,), 1.0 / classes, outputs.dtype), classes)
+    return jnp.where(mask, jnp.mean(jnp.square(outputs - targets), axis=-1), 0.0)
+
+
+def square(outputs, labels, mask, settings: LossSettings):
+    """Hui & Belkin's rescaled square loss (ICLR 2021): (1/C)·[k·(z_y - M)² + Σ_{i≠y} z_i²], with k =
+    ``square_k`` and M = ``square_m``. With k = 1 and M = C it is OAT's loss at the uniform anchor, shifted."""
+    onehot = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
+    weights = 1.0 + (settings.square_k - 1.0) * onehot
+    return jnp.where(mask, jnp.mean(weights * jnp.square(outputs - settings.square_m * onehot), axis=-1), 0.0)
+
+
+def smoothed_cross_entropy(outputs, labels, mask, settings: LossSettings):
+    """Cross-entropy against labels smoothed by ``label_smoothing`` (optax's ``smooth_labels``)."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype),
+                                  settings.label_smoothing)
+    return jnp.where(mask, optax.softmax_cross_entropy(outputs, targets), 0.0)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "ce": Objective(cross_entropy, decode="argmax", uses_anchor=False),
     "oat": Objective(oat_regression, decode="anchor", uses_anchor=True),
+    # Controls: does OAT's gain come from its online anchor (issue 14)?
+    "oat_paper": Objective(oat_paper, decode="anchor_paper", uses_anchor=True, variant="paper"),
+    "oat_uniform": Objective(oat_uniform, decode="argmax", uses_anchor=False),
+    "square": Objective(square, decode="argmax", uses_anchor=False),
+    "ce_smooth": Objective(smoothed_cross_entropy, decode="argmax", uses_anchor=False),
 }
 
 # The arm that continues the shared pre-training (itself cross-entropy) has this objective.

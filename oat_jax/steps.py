@@ -70,7 +70,8 @@ def _sgd_step(state, images, labels, mask, mean, std, objective: str, settings: 
         losses = objectives.get(objective).loss(outputs, labels, mask, settings)
         # Divided before summed: large OAT targets cannot overflow the sum.
         loss = jnp.sum(jnp.where(mask, losses / jnp.maximum(jnp.sum(mask), 1), 0.0))
-        anchor = oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=settings.variant, where=mask)
+        variant = objectives.get(objective).variant or settings.variant
+        anchor = oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask)
         return loss, (anchor, batch_stats)
 
     (loss, (anchor, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -178,7 +179,8 @@ def train_steps_on_device(states, metrics, images, labels, orders, first_step, n
 def _correct(state, images, labels, mask, mean, std, variant, decodes):
     outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
     predictions = {"argmax": lambda: jnp.argmax(outputs, axis=-1),
-                   "anchor": lambda: oat.predict(outputs, variant=variant, where=mask)}
+                   "anchor": lambda: oat.predict(outputs, variant=variant, where=mask),
+                   "anchor_paper": lambda: oat.predict(outputs, variant="paper", where=mask)}
     counts = {}
     for name in decodes:
         predicted = predictions[name]()

@@ -77,7 +77,7 @@ class EpochStopped(KeyboardInterrupt):
 
 
 def _divergence_hint(objective, config):
-    if objectives.get(objective).uses_anchor and config.variant == "paper":
+    if objectives.get(objective).uses_anchor and (objectives.get(objective).variant or config.variant) == "paper":
         return ("the paper variant's anchor softmax(mean z) underflows when the outputs spread apart, and its "
                 "targets 1/a - 1 explode; lower learning_rate or use variant='released'")
     return "the learning rate is likely too high for this model; lower learning_rate"
