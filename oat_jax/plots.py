@@ -24,8 +24,11 @@ from matplotlib.ticker import MaxNLocator
 from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
 from oat_jax.workdir import METRICS_FILE, WorkdirError, read_config, read_json, read_records, replacing
 
-COLOURS = {"pretrain": "0.3", "ce": "tab:blue", "oat": "tab:orange"}
-NAMES = {"pretrain": "cross-entropy pre-training", "ce": "cross-entropy", "oat": "OAT"}
+COLOURS = {"pretrain": "0.3", "ce": "tab:blue", "oat": "tab:orange", "oat_paper": "tab:red",
+           "oat_uniform": "tab:green", "square": "tab:purple", "ce_smooth": "tab:brown"}
+NAMES = {"pretrain": "cross-entropy pre-training", "ce": "cross-entropy", "oat": "OAT",
+         "oat_paper": "OAT, paper's anchor", "oat_uniform": "OAT, uniform anchor", "square": "square loss",
+         "ce_smooth": "cross-entropy, smoothed labels"}
 _STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 9,
           "legend.framealpha": 0.9}
 
@@ -78,7 +81,7 @@ class Run:
         """An arm's records carrying ``key``, continuing the pre-training: the cross-entropy arm with all
         pre-training epochs, OAT from the last one (the state it starts from) or all of them."""
         pretrain = self.arm_records("pretrain", key)
-        if arm == "oat" and not whole_pretraining:
+        if arm != "ce" and not whole_pretraining:
             pretrain = [r for r in pretrain if r["epoch"] == self.pretrain_epochs]
         return pretrain + self.arm_records(arm, key)
 
@@ -125,14 +128,16 @@ def _band(ax, x, values: list[np.ndarray], colour, label, **line):
 
 
 def _draw_arms(ax, run: Run, key: str) -> None:
-    """Both arms' ``key`` over epochs: the cross-entropy arm through the pre-training, OAT from its end."""
+    """Every arm's ``key`` over epochs: the cross-entropy arm through the pre-training, the others (OAT, the
+    controls) from its end."""
     drawn = 0
-    for arm in ("ce", "oat"):
+    others = [arm for arm in dict.fromkeys(r["arm"] for r in run.records) if arm not in ("pretrain", "ce", "oat")]
+    for arm in ("ce", "oat", *others):
         records = run.chain(arm, key)
-        if arm == "ce" and not run.arm_records("ce", key):  # method "oat": only the pre-training
+        if arm == "ce" and not run.arm_records("ce", key):  # no cross-entropy arm: only the pre-training
             arm = "pretrain"
-        if records and (arm != "oat" or run.arm_records("oat", key)):
-            _band(ax, *_by_epoch(records, key), COLOURS[arm], NAMES[arm])
+        if records and (arm in ("ce", "pretrain") or run.arm_records(arm, key)):
+            _band(ax, *_by_epoch(records, key), COLOURS.get(arm, "0.6"), NAMES.get(arm, arm))
             drawn += 1
     if not drawn:
         raise Skip(f"no epoch of this run logs '{key}' (a run from before that field was logged)")
@@ -142,10 +147,11 @@ def _draw_arms(ax, run: Run, key: str) -> None:
 
 
 def _mark_oat_start(ax, run: Run) -> None:
-    """A dashed line at the end of the pre-training, where OAT branches off (if the run has OAT epochs)."""
-    if any(r["arm"] == "oat" for r in run.records):
+    """A dashed line at the end of the pre-training, where OAT (or another arm) branches off."""
+    if any(r["arm"] not in ("pretrain", "ce") for r in run.records):
         ax.axvline(run.pretrain_epochs, color="0.4", linestyle="--", linewidth=1,
-                   label=f"OAT starts (after epoch {run.pretrain_epochs})")
+                   label=f"{'OAT' if any(r['arm'] == 'oat' for r in run.records) else 'the arms'} start "
+                         f"(after epoch {run.pretrain_epochs})")
 
 
 def accuracy_figure(run: Run) -> Figure:

@@ -22,7 +22,7 @@ def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _fake_run(workdir, seeds=(0, 1), classes=4, pretrain_epochs=1, num_epochs=3, old=False):
+def _fake_run(workdir, seeds=(0, 1), classes=4, pretrain_epochs=1, num_epochs=3, old=False, arms=("ce", "oat")):
     """A workdir as a run of ``method="both"`` leaves it (no checkpoints), its metrics made up; ``old``: as
     runs logged them before the anchor telemetry (anchor statistics for OAT only)."""
     rng = np.random.default_rng(0)
@@ -32,12 +32,12 @@ def _fake_run(workdir, seeds=(0, 1), classes=4, pretrain_epochs=1, num_epochs=3,
               "paper": {"table": "", "setting": "", "ce": 0.0, "oat": 0.0}}
     (workdir / "config.json").write_text(json.dumps(config))
     phases = [("pretrain", range(1, pretrain_epochs + 1))] + [(arm, range(pretrain_epochs + 1, num_epochs + 1))
-                                                             for arm in ("ce", "oat")]
+                                                             for arm in arms]
     with open(workdir / "metrics.jsonl", "w") as f:
         for arm, epochs in phases:
             for epoch, seed in ((epoch, seed) for epoch in epochs for seed in seeds):
                 anchor = rng.dirichlet(np.full(classes, 100.0))
-                record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": "oat" if arm == "oat" else "ce",
+                record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": "ce" if arm == "pretrain" else arm,
                           "train_loss": 1.0 / epoch, "test_accuracy": 50.0 + 10 * epoch - 5 * seed,
                           "epoch_seconds": 1.0, "anchor": anchor.tolist(),
                           "anchor_entropy": float(-(anchor * np.log(anchor)).sum()),
@@ -149,3 +149,14 @@ def test_batch_sizes_must_be_non_negative_integers(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         report.main(["plots", str(tmp_path), "--batch-sizes", "1,x"])
     assert exit_.value.code == 2 and "non-negative integers" in capsys.readouterr().err
+
+
+def test_the_accuracy_figure_draws_every_arm_from_the_pretraining(tmp_path):
+    """Control arms are drawn beside cross-entropy and OAT, each continuing the pre-training's last epoch."""
+    run = plots.load_run(str(_fake_run(tmp_path / "run", seeds=(0,), arms=("ce", "oat", "oat_uniform", "square"))))
+    ax = plots.accuracy_figure(run).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert {"cross-entropy", "OAT", "OAT, uniform anchor", "square loss"} <= set(lines)
+    # The pre-training's epoch 1 (60 %), then the arm's epochs 2 and 3 (70 %, 80 %), as logged.
+    np.testing.assert_array_equal(lines["square loss"].get_xdata(), [1, 2, 3])
+    np.testing.assert_array_equal(lines["square loss"].get_ydata(), [60.0, 70.0, 80.0])
