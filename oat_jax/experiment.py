@@ -104,13 +104,11 @@ class Experiment:
         return input_pipeline.num_batches(len(self.dataset.train_labels), self.config.batch_size)
 
     def epoch_orders(self, epoch: int) -> np.ndarray:
-        """Each replica's sample order of ``epoch``, padded to whole batches (K, S·B): the padding repeats the
-        last batch's first sample, masked out of losses and anchors, the same for fused and stepwise epochs."""
-        size, batch = len(self.dataset.train_labels), self.config.batch_size
-        orders = np.stack([input_pipeline.epoch_order(size, seed, epoch) for seed in self.seeds])
-        padding = self.steps_per_epoch() * batch - size
-        last_first = orders[:, (size - 1) // batch * batch]
-        return np.concatenate([orders, np.repeat(last_first[:, None], padding, axis=1)], axis=1).astype(np.int32)
+        """Each replica's sample order of ``epoch``, padded to whole batches (K, S·B) by
+        ``input_pipeline.padded_order``, the same for fused and stepwise epochs."""
+        size = len(self.dataset.train_labels)
+        return np.stack([input_pipeline.padded_order(input_pipeline.epoch_order(size, seed, epoch),
+                                                     self.config.batch_size) for seed in self.seeds]).astype(np.int32)
 
     def train_batches(self, orders: np.ndarray, first_step: int) -> Iterator[tuple]:
         """The host batches (K, B, ...) of ``orders`` from step ``first_step`` on: images, labels, masks."""

@@ -27,18 +27,21 @@ def num_batches(num_samples: int, batch_size: int) -> int:
     return -(-num_samples // batch_size)
 
 
+def padded_order(order: np.ndarray, batch_size: int) -> np.ndarray:
+    """``order`` padded to whole batches by repeating the last batch's first sample; the padded positions
+    (from ``len(order)`` on) are masked wherever batches are cut from it, fused and stepwise alike."""
+    padding = num_batches(len(order), batch_size) * batch_size - len(order)
+    return np.concatenate([order, np.full(padding, order[(len(order) - 1) // batch_size * batch_size])])
+
+
 def batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray,
             batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yields (images (B, H, W, C) uint8, labels (B,) int32, mask (B,) bool), B = batch_size, in ``order``;
-    the last batch is padded with zeros and masked."""
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        real = len(index)
-        mask = np.ones(batch_size, dtype=bool)
-        if real < batch_size:
-            mask[real:] = False
-            index = np.concatenate([index, np.full(batch_size - real, index[0])])
-        yield images[index], labels[index].astype(np.int32), mask
+    the last batch is padded (``padded_order``) and its padding masked."""
+    padded = padded_order(order, batch_size)
+    for start in range(0, len(padded), batch_size):
+        index = padded[start:start + batch_size]
+        yield images[index], labels[index].astype(np.int32), start + np.arange(batch_size) < len(order)
 
 
 def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
