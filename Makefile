@@ -4,7 +4,7 @@ PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test install
+.PHONY: run test install study
 
 run: install
 	$(PYTHON) -m oat_jax.main --config configs/default.py --workdir runs/default
@@ -19,3 +19,18 @@ install: .deps-installed
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 	$(PYTHON) -m pip install -q -r requirements.txt -e '.[dev]'
 	@touch $@
+
+# The anchor study (README, "Does the anchor matter?"): one run per seed, its workdir under results/ so that a
+# sitting's progress is committed and the next resumes it; a finished seed keeps no checkpoints and is skipped.
+STUDY_SEEDS ?= 0 1 2 3 4
+STUDY := results/fashion_mnist_study
+
+study: install
+	@for seed in $(STUDY_SEEDS); do \
+	  workdir=$(STUDY)/seed_$$seed; \
+	  if [ -f $$workdir/summary.json ]; then echo "seed $$seed: finished"; continue; fi; \
+	  $(PYTHON) -m oat_jax.main --config configs/fashion_mnist_study.py --workdir $$workdir \
+	    --config.seed=$$seed --config.progress=false || exit $$?; \
+	  rm -rf $$workdir/checkpoints $$workdir/tensorboard $$workdir/.lock; \
+	done
+	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md

@@ -81,12 +81,13 @@ def _jax_figures(args) -> dict:
     images, labels, masks = _batch(args, 1)
     mean = np.full(args.image_shape[-1], 0.5, np.float32)
     std = np.full(args.image_shape[-1], 0.25, np.float32)
+    train_anchors = np.full((1, args.num_classes), 1 / args.num_classes, np.float32)  # used by no decoding here
     for key, decode in (("ce", "argmax"), ("oat", "anchor")):  # keyed by the arm whose decoding it is
         def evals(count):
             out = None
             for _ in range(count):
-                out = steps.eval_step_replicas(states, images, labels, masks, mean, std, variant=args.variant,
-                                               decodes=(decode,))
+                out = steps.eval_step_replicas(states, images, labels, masks, train_anchors, mean, std,
+                                               variant=args.variant, decodes=(decode,))
             jax.block_until_ready(out)
 
         started = time.perf_counter()

@@ -8,5 +8,6 @@ def get_config():
     config = base_config()
     config.dataset = "cifar10"
     config.model = "wrn28_10"
+    config.init = "flax"  # the model's own He initialisation, as its reference code has
     config.paper = paper_cell("Table 4", "CIFAR-10, WRN-28-10")
     return config

@@ -11,6 +11,7 @@ from ml_collections import config_dict
 from oat_jax import data, models, oat, objectives, sharding
 from oat_jax.workdir import METHOD_ARMS  # the older way to name the arms, still accepted
 NORMALISATIONS = ("dataset", "imagenet")
+INITS = ("torch", "flax")
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset = "fashion_mnist"
     config.data_dir = ""             # local dataset folder; "" = $OAT_DATA_DIR, system copies, then tfds
     config.model = "lightweight"
+    config.init = "torch"            # "torch" = PyTorch's default for conv and dense layers, as the paper's
+                                     # code had (oat_jax.models.torch_init); "flax" = the model's own initialisers
     config.dropout_rate = 0.0        # for models with dropout (wrn28_10, vit_l16)
     config.pretrained_weights = ""   # "" = random init; a .pth/.safetensors/.npz file or "torchvision:<model>"
     config.image_size = 0            # resize images to image_size x image_size when loading (0 = as stored)
@@ -34,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.shuffle_eval = True       # the paper's test loader is shuffled; a fixed seeded order here
     config.learning_rate = 0.001
     config.momentum = 0.9
-    config.reset_momentum = True     # fresh optimiser when OAT starts, as the released code does
+    config.reset_momentum = True     # fresh optimiser when OAT starts, as the released code does (IDT-ITI/OAT,
+                                     # oat_efficientnet.py, builds a new optimiser for OAT)
     config.arms = "ce,oat"           # objectives trained from one shared pre-training (oat_jax.objectives)
     config.method = ""               # shorthand for arms, as older configs say: "both", "ce" or "oat"
     config.variant = "released"      # OAT anchor: "released" (double softmax) or "paper" (eq. 1)
@@ -115,6 +119,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"method '{config.method}' and arms '{config.arms}' disagree; set only arms")
     require(config.variant in oat.VARIANTS,
             f"variant must be one of {', '.join(oat.VARIANTS)}, got '{config.variant}'")
+    require(config.init in INITS, f"init must be one of {', '.join(INITS)}, got '{config.init}'")
     require(config.normalisation in NORMALISATIONS,
             f"normalisation must be one of {', '.join(NORMALISATIONS)}, got '{config.normalisation}'")
     require(config.square_k > 0, f"square_k must be positive, got {config.square_k}")

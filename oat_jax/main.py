@@ -84,6 +84,11 @@ def format_summary(summary: dict) -> str:
              f"{'arm':<15}{'final':>8}{'best (epoch)':>16}" + (f"{'paper':>10}" if paper else "")]
     for arm, result in summary["arms"].items():
         seeds = len(result["seeds"])
+        diverged = "".join(f"  diverged: seed {seed} at epoch {where['epoch']}, step {where['step']}"
+                           for seed, where in result.get("diverged", {}).items())
+        if seeds == 0:  # diverged before its first epoch ended
+            lines.append(f"{_ARM_NAMES.get(arm, arm):<15}{'-':>8}{'-':>16}" + diverged)
+            continue
         if seeds == 1:
             line = (f"{_ARM_NAMES.get(arm, arm):<15}{result['final_test_accuracy']:>8.2f}"
                     f"{result['best_test_accuracy']:>9.2f} ({result['best_epoch']:>3})")
@@ -93,7 +98,7 @@ def format_summary(summary: dict) -> str:
                     f"{result['best_test_accuracy_std']:.2f} ({seeds} seeds)")
         if paper and arm in paper:
             line += f"{paper[arm]:>10.3f}"
-        lines.append(line)
+        lines.append(line + diverged)
     if paper:
         lines.append(f"paper: {paper['table']}, {paper['setting']}")
     return "\n".join(lines)

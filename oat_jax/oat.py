@@ -13,7 +13,8 @@ the per-device anchor of a data-parallel loop.
 
 Two variants of the anchor exist and both are supported:
 
-* ``"released"`` (the default), as in the authors' released PyTorch code: ``softmax(mean_b softmax(z_b))``.
+* ``"released"`` (the default), as in the authors' released PyTorch code (GitHub ``IDT-ITI/OAT``,
+    ``oat_efficientnet.py``): ``softmax(mean_b softmax(z_b))``.
     The inner softmax bounds the anchor to [1/(e*C), e/C]. The code builds the targets from ``z`` without
     detaching them, so the gradient flows through the anchor.
 * ``"paper"``, eq. 1 taken literally: ``softmax(mean_b z_b)``, with the targets treated as constants.

@@ -29,7 +29,7 @@ class LossSettings(NamedTuple):
 
 class Objective(NamedTuple):
     loss: Callable  # (outputs (B, C), labels (B,), mask (B,), settings) -> (B,), 0 on padded rows
-    decode: str  # "argmax", "anchor" (OAT's, with the config's variant) or "anchor_paper"
+    decode: str  # "argmax" or "anchor" (OAT's, with the test batch's anchor of ``variant``)
     uses_anchor: bool
     variant: str | None = None  # the anchor variant of its telemetry and decoding; None = the config's
 
@@ -78,7 +78,7 @@ OBJECTIVES: dict[str, Objective] = {
     "ce": Objective(cross_entropy, decode="argmax", uses_anchor=False),
     "oat": Objective(oat_regression, decode="anchor", uses_anchor=True),
     # Controls: does OAT's gain come from its online anchor (issue 14)?
-    "oat_paper": Objective(oat_paper, decode="anchor_paper", uses_anchor=True, variant="paper"),
+    "oat_paper": Objective(oat_paper, decode="anchor", uses_anchor=True, variant="paper"),
     "oat_uniform": Objective(oat_uniform, decode="argmax", uses_anchor=False),
     "square": Objective(square, decode="argmax", uses_anchor=False),
     "ce_smooth": Objective(smoothed_cross_entropy, decode="argmax", uses_anchor=False),

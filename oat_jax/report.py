@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 from oat_jax import workdir as workdir_lib
+from oat_jax.paired import paired_comparison
 from oat_jax.paper_figures import TABLE_ORDER
 from oat_jax.workdir import WorkdirError
 
@@ -34,7 +35,8 @@ class Cell:
     paper: dict | None
     identity: dict  # the config fields that decide the results (_identity)
     seeds: set[str] = field(default_factory=set)
-    accuracies: dict[str, list[float]] = field(default_factory=dict)  # per arm
+    accuracies: dict[str, dict[str, float]] = field(default_factory=dict)  # per arm, {seed: final accuracy}
+    decodings: dict[str, dict[str, dict]] = field(default_factory=dict)  # per arm, {seed: {decoding: accuracy}}
     notes: list[str] = field(default_factory=list)
 
 
@@ -53,7 +55,11 @@ def _run_notes(summary: dict, config: dict) -> list[str]:
     if config["pretrain_epochs"] < pretrain_epochs and config["arms"] != "ce":  # "ce" alone: nothing branches
         notes.append(f"{config['pretrain_epochs']} of {pretrain_epochs} pre-training epochs")
     for arm, result in summary.get("arms", {}).items():
-        if result["final_epoch"] < config["num_epochs"]:
+        if result.get("diverged"):
+            notes += [f"{arm} diverged at epoch {where['epoch']}" + (f" (seed {seed})" if len(result["diverged"]) > 1
+                                                                     or result["seeds"] else "")
+                      for seed, where in result["diverged"].items()]
+        elif result["final_epoch"] < config["num_epochs"]:
             notes.append(f"{arm} at epoch {result['final_epoch']} of {config['num_epochs']}")
     if config["pretrained_weights"] == "" and config["normalisation"] == "imagenet":
         notes.append("no pretrained weights")
@@ -82,6 +88,7 @@ class Run:
     summary: dict
     config: dict  # complete (workdir.read_config): a field an older run predates had its default then
     accuracies: dict[str, dict[str, float]]
+    decodings: dict[str, dict[str, dict]]  # per arm, {seed: the final epoch's accuracy by decoding}, where logged
 
     @property
     def seeds(self) -> set[str]:
@@ -98,7 +105,10 @@ def load_run(workdir: str) -> Run:
                       for arm, result in summary.get("arms", {}).items()}
     except (AttributeError, KeyError, TypeError, ValueError):
         raise WorkdirError("summary.json is not an oat_jax summary (no per-seed final accuracies)") from None
-    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies)
+    decodings = {arm: {seed: per_seed["final_test_accuracy_by_decode"] for seed, per_seed in result["seeds"].items()
+                       if "final_test_accuracy_by_decode" in per_seed}
+                 for arm, result in summary.get("arms", {}).items()}
+    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings)
 
 
 def load_runs(workdirs: list[str]) -> tuple[list[Run], list[str]]:
@@ -148,12 +158,14 @@ def collect(runs: list[Run]) -> list[Cell]:
                 rows.append(row)
         row.seeds |= run.seeds
         for arm, per_seed in run.accuracies.items():
-            row.accuracies.setdefault(arm, []).extend(per_seed.values())
+            row.accuracies.setdefault(arm, {}).update(per_seed)
+            row.decodings.setdefault(arm, {}).update(run.decodings.get(arm, {}))
         row.notes += [f"{run.name}: {note}" for note in _run_notes(run.summary, run.config)]
     return rows
 
 
-def _ours(values: list[float]) -> str:
+def _ours(per_seed: dict[str, float]) -> str:
+    values = list(per_seed.values())
     if not values:
         return "–"
     if len(values) == 1:
@@ -177,12 +189,58 @@ def format_markdown(cells: list[Cell]) -> str:
         for cell in (c for c in cells if c.table == table):
             paper_ce, paper_oat = ((f"{cell.paper['ce']:.3f}", f"{cell.paper['oat']:.3f}") if cell.paper
                                    else ("–", "–"))
-            ce, oat = (_ours(cell.accuracies.get(arm, [])) for arm in ("ce", "oat"))
+            ce, oat = (_ours(cell.accuracies.get(arm, {})) for arm in ("ce", "oat"))
             notes = [f"{arm}: {_ours(values)}" for arm, values in cell.accuracies.items()
                      if arm not in ("ce", "oat")]  # an arm of another objective: not in the paper's tables
             lines.append(f"| {cell.setting} | {paper_ce} | {ce} | {paper_oat} | {oat} | {len(cell.seeds)} | "
                          f"{'; '.join(notes + cell.notes)} |")
+        lines += _comparisons([c for c in cells if c.table == table])
+        lines += _decodings([c for c in cells if c.table == table])
     return "\n".join(lines) + "\n"
+
+
+_DECODINGS = ("batch", "single", "train_anchor", "uniform")
+
+
+def _decodings(cells: list[Cell]) -> list[str]:
+    """The final epoch's accuracy of each arm by decoding (README, "Decoding without a test batch"), mean ±
+    standard deviation over the seeds, for the rows whose every seed logged them."""
+    rows = []
+    for cell in cells:
+        for arm, per_seed in cell.decodings.items():
+            if not per_seed or set(per_seed) != set(cell.accuracies.get(arm, {})):
+                continue
+            values = [_ours({seed: d[name] for seed, d in per_seed.items()}) for name in _DECODINGS]
+            rows.append(f"| {cell.setting} | {arm} | " + " | ".join(values) + " |")
+    if not rows:
+        return []
+    return ["", "The final epoch decoded four ways: with the test batch's anchor, each sample's own, the epoch's "
+                "mean training anchor, and the uniform anchor (argmax):", "",
+            "| setting | arm | batch | single | train_anchor | uniform |", "| --- | --- | ---: | ---: | ---: | ---: |",
+            *rows]
+
+
+def _comparisons(cells: list[Cell]) -> list[str]:
+    """Each arm against cross-entropy, paired by seed (``oat_jax.paired``), for the rows that have both."""
+    rows = []
+    for cell in cells:
+        reference = cell.accuracies.get("ce")
+        for arm, per_seed in cell.accuracies.items():
+            comparison = paired_comparison(per_seed, reference) if reference and arm != "ce" else None
+            if comparison is None:
+                continue
+            interval = ("–" if comparison["ci95"] is None else
+                        f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
+            p_value = "–" if comparison["p_value"] is None else f"{comparison['p_value']:.3g}"
+            rows.append(f"| {cell.setting} | {arm} | {comparison['mean_difference']:+.3f} | {interval} | {p_value} | "
+                        f"{comparison['wins']} of {comparison['seeds']} |")
+    if not rows:
+        return []
+    return ["", "Against cross-entropy, paired by seed (final accuracy, percentage points; a 95 % t interval and a "
+                "two-sided paired t-test):", "",
+            "| setting | arm | mean difference | 95 % interval | p | wins |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+            *rows]
 
 
 def main(argv: list[str] | None = None) -> int:

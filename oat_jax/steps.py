@@ -176,11 +176,17 @@ def train_steps_on_device(states, metrics, images, labels, orders, first_step, n
     return jax.lax.scan(body, (states, metrics), first_step + jnp.arange(num_steps))[0]
 
 
-def _correct(state, images, labels, mask, mean, std, variant, decodes):
+def _correct(state, images, labels, mask, train_anchor, mean, std, variant, decodes):
     outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
-    predictions = {"argmax": lambda: jnp.argmax(outputs, axis=-1),
-                   "anchor": lambda: oat.predict(outputs, variant=variant, where=mask),
-                   "anchor_paper": lambda: oat.predict(outputs, variant="paper", where=mask)}
+
+    def with_anchor(anchor):  # eq. 4; anchor (C,) or one per row (B, C)
+        return jnp.argmax(oat.decode(outputs, anchor), axis=-1)
+
+    predictions = {
+        "argmax": lambda: jnp.argmax(outputs, axis=-1),  # = the uniform anchor's decoding
+        "anchor": lambda: oat.predict(outputs, variant=variant, where=mask),
+        "single": lambda: with_anchor(jax.vmap(lambda row: oat.batch_anchor(row[None], variant=variant))(outputs)),
+        "train_anchor": lambda: with_anchor(train_anchor)}
     counts = {}
     for name in decodes:
         predicted = predictions[name]()
@@ -189,12 +195,18 @@ def _correct(state, images, labels, mask, mean, std, variant, decodes):
     return counts
 
 
+# The decodings of a test batch's outputs ``eval_step_replicas`` counts.
+DECODES = ("argmax", "anchor", "single", "train_anchor")
+
+
 @functools.partial(jax.jit, static_argnames=("variant", "decodes"))
-def eval_step_replicas(states, images, labels, masks, mean, std, *, variant: str = "released",
+def eval_step_replicas(states, images, labels, masks, train_anchors, mean, std, *, variant: str = "released",
                        decodes: tuple[str, ...] = ("argmax", "anchor")):
     """Correct predictions among the real rows of each replica's test batch (K replicas, leading axis K),
-    for each decoding in ``decodes``: "argmax" of the outputs; "anchor" = argmax of a_test * (z + 1) with
-    the batch's own anchor (OAT's). Counts of shape (K,), and under "<decode>_per_class" the number of predictions
-    of each class (K, C)."""
+    for each decoding in ``decodes`` (of ``DECODES``): "argmax" of the outputs (the uniform anchor's
+    decoding); "anchor" = argmax of a * (z + 1) with the test batch's own anchor a (OAT's, eq. 4); "single"
+    with each sample's own anchor, as in a batch of one; "train_anchor" with ``train_anchors`` (K, C), the
+    replica's mean training anchor. The anchors are of ``variant``. Counts of shape (K,), and under
+    "<decode>_per_class" the number of predictions of each class (K, C)."""
     correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes)
-    return _over_replicas(correct)(states, images, labels, masks)
+    return _over_replicas(correct)(states, images, labels, masks, train_anchors)

@@ -65,7 +65,8 @@ def _stop_agreed() -> bool:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became non-finite; the message names arm, epoch and step and the likely cause."""
+    """The shared pre-training diverged (a non-finite loss or anchor), so no arm can start from it; the message
+    names epoch and step and the likely cause. A diverged arm only ends itself (``_record_divergence``)."""
 
 
 class EpochStopped(KeyboardInterrupt):
@@ -85,7 +86,8 @@ def _divergence_hint(objective, config):
 
 def train_epoch(exp: Experiment, states, epoch: int, objective: str, arm: str, resume: ResumePoint | None = None):
     """One pass over the training set for every replica: (states, metrics on the host, ``steps.new_metrics``'
-    keys). ``resume`` continues an epoch stopped part-way, which this raises as EpochStopped on a stop request.
+    keys; ``divergence`` reads whether a replica diverged). ``resume`` continues an epoch stopped part-way,
+    which this raises as EpochStopped on a stop request.
 
     With the training set on the devices (``fused_epoch``) the epoch runs as one compiled loop; otherwise
     step by step from host memory, with a progress bar. Both run the same step on the same batches."""
@@ -114,26 +116,36 @@ def train_epoch(exp: Experiment, states, epoch: int, objective: str, arm: str, r
         progress.close()
         in_flight.drain()
     metrics = sharding.to_host(metrics)
-    bad = np.flatnonzero(metrics["first_bad_step"] >= 0)
-    if bad.size:
-        k = bad[0]
-        raise TrainingDiverged(
-            f"training diverged: arm '{arm}', epoch {epoch}, step {metrics['first_bad_step'][k] + 1} of {count}"
-            + (f", seed {exp.seeds[k]}" if len(exp.seeds) > 1 else "")
-            + f" has a non-finite loss or anchor (loss {metrics['bad_loss'][k]}, anchor entries "
-            f"{np.round(metrics['bad_anchor'][k, :4], 6).tolist()}...); {_divergence_hint(objective, config)}. "
-            "The last good checkpoint is kept.")
     return states, metrics
 
 
+def divergence(exp: Experiment, metrics, arm: str, epoch: int, objective: str) -> str | None:
+    """Why the epoch's ``metrics`` show a replica diverged (a non-finite loss or anchor), naming arm, epoch,
+    step and likely cause; None when none did."""
+    bad = np.flatnonzero(metrics["first_bad_step"] >= 0)
+    if not bad.size:
+        return None
+    k = bad[0]
+    return (f"training diverged: arm '{arm}', epoch {epoch}, step {metrics['first_bad_step'][k] + 1} of "
+            f"{exp.steps_per_epoch()}" + (f", seed {exp.seeds[k]}" if len(exp.seeds) > 1 else "")
+            + f" has a non-finite loss or anchor (loss {metrics['bad_loss'][k]}, anchor entries "
+            f"{np.round(metrics['bad_anchor'][k, :4], 6).tolist()}...); {_divergence_hint(objective, exp.config)}")
+
+
 def evaluate_in_detail(exp: Experiment, states, decodes: tuple[str, ...] = ("argmax", "anchor"),
-                       batch_size: int | None = None):
-    """Per decoding ("argmax", "anchor": OAT's), each replica's test accuracy (%) over every test sample, in
-    batches of ``batch_size`` (default ``eval_batch_size``), and its share of predictions per class:
+                       batch_size: int | None = None, variant: str | None = None, train_anchors=None):
+    """Per decoding (of ``steps.DECODES``: "argmax", "anchor" (OAT's, with the test batch's anchor of
+    ``variant``, default the config's), "single", "train_anchor" (with ``train_anchors`` (K, C))), each
+    replica's test accuracy (%) over every test sample, in batches of ``batch_size`` (default
+    ``eval_batch_size``), and its share of predictions per class:
     ({decode: [accuracy of replica k]}, {decode: (K, C) array of fractions})."""
     in_flight, counts = dispatch.InFlight(exp.config.steps_in_flight), []
+    if train_anchors is None:  # unused unless "train_anchor" is asked for
+        train_anchors = np.full((len(exp.seeds), exp.num_classes), 1.0 / exp.num_classes, np.float32)
+    train_anchors = sharding.place_states(np.asarray(train_anchors, np.float32), exp.mesh)
     for number, batch in enumerate(exp.test_batches(batch_size or exp.config.eval_batch_size), 1):
-        counts.append(exp.eval_step(states, *exp.place(batch), decodes=decodes))
+        counts.append(exp.eval_step(states, *exp.place(batch), train_anchors, decodes=decodes,
+                                    variant=variant or exp.config.variant))
         in_flight.add(counts[-1], lambda number=number: f"evaluation (test batch {number})")
     in_flight.drain()
     counts = sharding.to_host(counts)
@@ -146,24 +158,31 @@ def evaluate_in_detail(exp: Experiment, states, decodes: tuple[str, ...] = ("arg
 
 
 def evaluate(exp: Experiment, states, decodes: tuple[str, ...] = ("argmax", "anchor"),
-             batch_size: int | None = None) -> dict[str, list[float]]:
+             batch_size: int | None = None, variant: str | None = None) -> dict[str, list[float]]:
     """Test accuracy (%) of each replica per decoding: {decode: [accuracy of replica k]}."""
-    return evaluate_in_detail(exp, states, decodes, batch_size)[0]
+    return evaluate_in_detail(exp, states, decodes, batch_size, variant)[0]
+
+
+# metrics.jsonl's names of the decodings every epoch is evaluated with (README, "Decoding").
+_DECODE_NAMES = {"anchor": "batch", "single": "single", "train_anchor": "train_anchor", "argmax": "uniform"}
 
 
 def _epoch_records(exp: Experiment, arm, epoch, objective, metrics, accuracies, shares, seconds,
                    compile_seconds) -> list[dict]:
-    """The lines of metrics.jsonl of one epoch, one per seed: its loss and accuracy, and the telemetry of its
-    anchors (the cross-entropy arms compute the same batch anchor, unused by their loss, to compare)."""
+    """The lines of metrics.jsonl of one epoch, one per seed: its loss and accuracy (by the objective's own
+    decoding, and by each of ``_DECODE_NAMES``), and the telemetry of its anchors (the cross-entropy arms
+    compute the same batch anchor, unused by their loss, to compare)."""
     sampled, first = np.unique(steps.sampled_steps(exp.steps_per_epoch()), return_index=True)
+    decode = objectives.get(objective).decode
     records = []
     for k, seed in enumerate(exp.seeds):
         rows = float(metrics["rows"][k])
         anchor = metrics["anchor_sum"][k] / rows
         record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": objective,
-                  "train_loss": float(metrics["loss_sum"][k] / rows), "test_accuracy": accuracies[k],
+                  "train_loss": float(metrics["loss_sum"][k] / rows), "test_accuracy": accuracies[decode][k],
+                  "test_accuracy_by_decode": {name: accuracies[key][k] for key, name in _DECODE_NAMES.items()},
                   "epoch_seconds": seconds, "compile_seconds": compile_seconds, "anchor": [float(a) for a in anchor],
-                  "prediction_share": [float(p) for p in shares[k]],
+                  "prediction_share": [float(p) for p in shares[decode][k]],
                   "step_anchors": [{"step": int(step) + 1,
                                     "anchor": [float(a) for a in metrics["sampled_anchors"][k, i]]}
                                    for step, i in zip(sampled, first)]}
@@ -177,9 +196,10 @@ def _epoch_records(exp: Experiment, arm, epoch, objective, metrics, accuracies, 
 def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, log, report,
              resume: ResumePoint | None = None):
     """Trains epochs first_epoch..(the arm's last) of one arm, checkpointing and logging each (a line per
-    seed). A stop request part-way through an epoch saves its progress first; the next run resumes it."""
+    seed), and returns the last states (None when the arm diverged). A stop request part-way through an epoch
+    saves its progress first; the next run resumes it."""
     last = exp.config.pretrain_epochs if arm == PRETRAIN else exp.config.num_epochs
-    decode = objectives.get(objective).decode
+    variant = objectives.get(objective).variant or exp.config.variant
     part_way = resume if resume is not None and resume.steps_done else None
     for epoch in range(first_epoch, last + 1):
         if _stop_agreed():
@@ -191,8 +211,16 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
         except EpochStopped as stop:
             checkpoints.save(epoch, stop.point.states, stop.point.steps_done, stop.point.metrics)
             raise
-        accuracies, shares = evaluate_in_detail(exp, states, decodes=(decode,))
-        records = _epoch_records(exp, arm, epoch, objective, metrics, accuracies[decode], shares[decode],
+        diverged = divergence(exp, metrics, arm, epoch, objective)
+        if diverged and arm == PRETRAIN:  # nothing can branch from it
+            raise TrainingDiverged(diverged + ". The last good checkpoint is kept.")
+        if diverged:
+            _record_divergence(exp, log, arm, epoch, objective, metrics, diverged)
+            return None
+        train_anchors = metrics["anchor_sum"] / metrics["rows"][:, None]
+        accuracies, shares = evaluate_in_detail(exp, states, steps.DECODES, variant=variant,
+                                                train_anchors=train_anchors)
+        records = _epoch_records(exp, arm, epoch, objective, metrics, accuracies, shares,
                                  time.perf_counter() - started, _compiling[0] - compiled)
         # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
         for record in records:
@@ -202,6 +230,17 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
             for record in records:
                 report(record)
     return states
+
+
+def _record_divergence(exp: Experiment, log, arm, epoch, objective, metrics, message) -> None:
+    """Ends a diverged arm: a line per diverged seed in metrics.jsonl (``workdir.DIVERGED``), which a rerun
+    reads as the arm's end; its last good checkpoint stays, and the other arms go on."""
+    for k in np.flatnonzero(metrics["first_bad_step"] >= 0):
+        log.append({"arm": arm, "epoch": epoch, "seed": exp.seeds[k], "objective": objective,
+                    "event": workdir_lib.DIVERGED, "step": int(metrics["first_bad_step"][k]) + 1,
+                    "steps_per_epoch": exp.steps_per_epoch(), "loss": float(metrics["bad_loss"][k]),
+                    "message": message})
+    _warn(f"{message}. Arm '{arm}' stops here, its last good checkpoint kept; the other arms go on.")
 
 
 def _stall_hint(config) -> str:
@@ -226,14 +265,16 @@ def _logged_epochs(records, seeds) -> dict:
     return logged
 
 
-def _resume_points(managers, exp: Experiment, logged) -> dict:
+def _resume_points(managers, exp: Experiment, logged, diverged) -> dict:
     """Each arm's ResumePoint or None, falling back past damaged checkpoints and past checkpoints ahead of
-    the log (``logged``: each arm's last logged epoch). A finished arm is not restored (its point holds no
-    states); the pre-training only when something still needs it."""
+    the log (``logged``: each arm's last logged epoch). A finished arm, or one in ``diverged``, is not
+    restored (its point holds no states); the pre-training only when something still needs it."""
     config, points = exp.config, {}
     for arm in exp.arms:
         latest = managers[arm].latest_epoch()
         finished = latest == config.num_epochs and logged.get(arm) == latest
+        if arm in diverged:
+            finished, latest = True, latest or config.pretrain_epochs
         points[arm] = (ResumePoint(latest, 0, None, None) if finished else
                        managers[arm].restore_latest(exp.template, _warn,
                                                     max(logged.get(arm, 0), config.pretrain_epochs)))
@@ -292,7 +333,8 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in [PRETRAIN, *exp.arms]}
     log = MetricsLog(os.path.join(workdir, workdir_lib.METRICS_FILE), write=distributed.is_primary())
     try:
-        points = _resume_points(managers, exp, _logged_epochs(log.records(), exp.seeds))
+        points = _resume_points(managers, exp, _logged_epochs(log.records(), exp.seeds),
+                                {event["arm"] for event in log.divergences()})
         # Metrics of epochs past the checkpoints (an epoch logged but not saved, a damaged checkpoint) are redone.
         log.keep_only({arm: -1 if point is None else point.epoch for arm, point in points.items()})
         if distributed.is_primary():
@@ -320,7 +362,7 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
             manager.close()
         if log.mirror is not None:
             log.mirror.close()
-    summary = summarise(log.records(), exp.arms, config.paper.to_dict())
+    summary = summarise(log.records(), exp.arms, config.paper.to_dict(), log.divergences())
     summary["dataset"] = {"name": exp.dataset.name, "source": exp.dataset.source,
                           "train_samples": len(exp.dataset.train_labels), "test_samples": len(exp.dataset.test_labels)}
     if distributed.is_primary():

@@ -30,6 +30,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
+# A metrics.jsonl line with this "event" ends its arm: the arm diverged (at "epoch" and "step") for that seed.
+DIVERGED = "diverged"
 
 
 class WorkdirBusy(RuntimeError):
@@ -90,6 +92,8 @@ def _try_lock(fd: int, path: str) -> bool | None:
 # Config fields that may differ between a run and its resumption without changing its results.
 # fused_epoch: the same steps on the same batches either way, as on another number of devices.
 COSMETIC_FIELDS = ("progress", "distributed", "steps_in_flight", "stall_timeout_seconds", "fused_epoch")
+# Fields whose default changed: a config.json written before them had these values (read_config).
+PREDATED_VALUES = {"init": "flax"}
 # The old shorthand ``method`` as the objectives (``arms``) it trains; a non-empty method overrides arms.
 METHOD_ARMS = {"both": "ce,oat", "ce": "ce", "oat": "oat"}
 
@@ -152,11 +156,12 @@ def identity(config: dict) -> dict:
 
 
 def read_config(workdir: str) -> dict:
-    """The run's config.json, completed with the ``base_config()`` defaults of the fields it predates (nested
-    groups such as ``paper`` field by field), and ``arms`` as its ``method`` says when it has one (kept too,
-    for older readers). WorkdirError when there is no readable config.json."""
+    """The run's config.json, completed with the defaults of the fields it predates (``PREDATED_VALUES`` where
+    the default has changed since; nested groups such as ``paper`` field by field), and ``arms`` as its
+    ``method`` says when it has one (kept too, for older readers). WorkdirError when there is no readable
+    config.json."""
     saved = read_json(workdir, CONFIG_FILE, f"{CONFIG_FILE} is missing: is this an oat_jax workdir?")
-    defaults = default_config()
+    defaults = {**default_config(), **PREDATED_VALUES}
     config = {**defaults, **saved}
     config.update({k: {**v, **saved[k]} for k, v in defaults.items() if isinstance(v, dict)
                    and isinstance(saved.get(k), dict)})
@@ -176,9 +181,15 @@ def check_config(workdir: str, config: dict) -> None:
         raise WorkdirMismatch(f"workdir {workdir} holds a run whose {e}; pass a new --workdir to start fresh") from None
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
+        fields = ", ".join(f"{k} (recorded {_short(saved.get(k))}, now {_short(current.get(k))})" for k in changed)
         raise WorkdirMismatch(
-            f"workdir {workdir} holds a run with a different config (fields: {', '.join(changed)}); "
+            f"workdir {workdir} holds a run with a different config (fields: {fields}); "
             f"rerun with the same config to resume it, or pass a new --workdir to start fresh")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def record_config(workdir: str, config: dict) -> None:
@@ -199,6 +210,7 @@ def read_summary(workdir: str) -> dict:
 
 class MetricsLog:
     """A run's metrics.jsonl: append-only JSON lines, cut back on resume to the epochs that have a checkpoint.
+    Its lines are epochs (``records``) and the events that ended an arm early (``divergences``).
     With ``write=False`` (the other processes of a run over several) the same records are kept in memory
     only. A ``mirror`` (the TensorBoard events) gets every appended record too."""
 
@@ -206,14 +218,20 @@ class MetricsLog:
         self.path = path
         self.write = write
         self.mirror = None
-        self._records = read_records(path)
+        self._records = read_lines(path)
 
     def records(self) -> list[dict]:
-        return list(self._records)
+        """The epochs' lines."""
+        return [r for r in self._records if "event" not in r]
+
+    def divergences(self) -> list[dict]:
+        return [r for r in self._records if r.get("event") == DIVERGED]
 
     def keep_only(self, last_epoch_of_arm: dict[str, int]) -> None:
-        """Drops lines of epochs after each arm's last checkpoint: those epochs will be trained again."""
-        self._records = [r for r in self._records if r["epoch"] <= last_epoch_of_arm.get(r["arm"], 0)]
+        """Drops lines of epochs after each arm's last checkpoint (those epochs will be trained again), and
+        an arm's divergence unless it follows that checkpoint's epoch."""
+        self._records = [r for r in self._records
+                         if r["epoch"] <= last_epoch_of_arm.get(r["arm"], 0) + ("event" in r)]
         if self.write:
             with replacing(self.path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self._records)
@@ -225,12 +243,17 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-        if self.mirror is not None:
+        if self.mirror is not None and "event" not in record:
             self.mirror.add(record)
             self.mirror.flush()
 
 
 def read_records(path: str) -> list[dict]:
+    """The epochs' lines of a metrics.jsonl file ([] when there is none)."""
+    return [r for r in read_lines(path) if "event" not in r]
+
+
+def read_lines(path: str) -> list[dict]:
     """The lines of a metrics.jsonl file ([] when there is none), up to one cut short by a kill (its epoch
     is redone)."""
     records = []
@@ -245,16 +268,24 @@ def read_records(path: str) -> list[dict]:
 
 def _arm_summary(history: list[dict]) -> dict:
     best = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))
-    return {"final_test_accuracy": history[-1]["test_accuracy"], "final_epoch": history[-1]["epoch"],
-            "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"]}
+    result = {"final_test_accuracy": history[-1]["test_accuracy"], "final_epoch": history[-1]["epoch"],
+              "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"]}
+    if "test_accuracy_by_decode" in history[-1]:  # runs from before the four decodings lack it
+        result["final_test_accuracy_by_decode"] = history[-1]["test_accuracy_by_decode"]
+    return result
 
 
-def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
-    """Each arm's final and best test accuracy (%), per seed and as mean and standard deviation over seeds.
+def summarise(records: list[dict], arms: list[str], paper: dict, divergences: list[dict] = ()) -> dict:
+    """Each arm's final and best test accuracy (%), per seed and as mean and standard deviation over seeds;
+    and each arm against cross-entropy, paired by seed (``vs_ce``, ``oat_jax.paired``).
 
     The arm named "ce" continues the shared pre-training, so its history is the pre-training epochs followed
-    by its own; every other arm's (OAT's, say) is its own epochs only. An arm with no epoch is left out.
+    by its own; every other arm's (OAT's, say) is its own epochs only. An arm that diverged (``divergences``,
+    metrics.jsonl's DIVERGED lines) says where under ``diverged`` ({seed: {"epoch", "step"}}); its final
+    accuracies are those of its last good epoch, and it has none when that was the pre-training's. An arm
+    with no epoch and no divergence is left out.
     """
+    from oat_jax.paired import paired_comparison
     summary = {"arms": {}, "paper": paper if paper.get("table") else None}
     for arm in arms:
         phases = (arm, "pretrain") if arm == "ce" else (arm,)
@@ -263,14 +294,38 @@ def summarise(records: list[dict], arms: list[str], paper: dict) -> dict:
             history = sorted((r for r in records if r["seed"] == seed and r["arm"] in phases), key=lambda r: r["epoch"])
             if history:
                 per_seed[str(seed)] = _arm_summary(history)
-        if not per_seed:
+        diverged = {str(event["seed"]): {"epoch": event["epoch"], "step": event["step"]}
+                    for event in divergences if event["arm"] == arm}
+        if not per_seed and not diverged:
             continue
-        result = {"seeds": per_seed, "final_epoch": max(s["final_epoch"] for s in per_seed.values())}
+        result = {"seeds": per_seed}
+        if diverged:
+            result["diverged"] = diverged
+        if not per_seed:
+            result["final_epoch"] = min(event["epoch"] for event in diverged.values()) - 1
+            summary["arms"][arm] = result
+            continue
+        result["final_epoch"] = max(s["final_epoch"] for s in per_seed.values())
         for key in ("final_test_accuracy", "best_test_accuracy"):
             values = [s[key] for s in per_seed.values()]
             result[key] = statistics.fmean(values)
             result[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        by_decode = [s["final_test_accuracy_by_decode"] for s in per_seed.values()
+                     if "final_test_accuracy_by_decode" in s]
+        if len(by_decode) == len(per_seed):
+            result["final_test_accuracy_by_decode"] = {name: statistics.fmean(d[name] for d in by_decode)
+                                                       for name in by_decode[0]}
         if len(per_seed) == 1:
             result["best_epoch"] = next(iter(per_seed.values()))["best_epoch"]
         summary["arms"][arm] = result
+    reference = summary["arms"].get("ce", {}).get("seeds", {})
+    for arm, result in summary["arms"].items():
+        if arm != "ce" and reference:
+            comparison = paired_comparison(_finals(result), _finals(summary["arms"]["ce"]))
+            if comparison:
+                result["vs_ce"] = comparison
     return summary
+
+
+def _finals(result: dict) -> dict[str, float]:
+    return {seed: s["final_test_accuracy"] for seed, s in result["seeds"].items()}

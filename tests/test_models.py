@@ -46,3 +46,44 @@ def test_the_lightweight_cnns_max_pool_has_flaxs_values_and_gradient():
         np.testing.assert_array_equal(pooled, reference)
         gradient = rng.normal(size=reference.shape).astype(np.float32)
         np.testing.assert_array_equal(pull(gradient)[0], pull_reference(gradient)[0])
+
+
+def test_torch_init_draws_pytorchs_default_bounds_for_conv_and_dense_layers():
+    """init="torch": every conv and dense kernel and bias uniform in ±1/sqrt(fan_in), as PyTorch's nn.Conv2d and
+    nn.Linear draw them (checked against torch's own layers where torch is installed)."""
+    from oat_jax.config_schema import base_config
+    from oat_jax.state import create_train_state
+
+    config = base_config()
+    params = create_train_state(models.create_model("lightweight", 10), (28, 28, 1), config, seed=0).params
+    fan_ins = {"Conv_0": 5 * 5 * 1, "Conv_1": 5 * 5 * 6, "Dense_0": 4 * 4 * 16, "Dense_1": 128, "head": 64}
+    assert sorted(params) == sorted(fan_ins)
+    for layer, fan_in in fan_ins.items():
+        bound = 1 / np.sqrt(fan_in)
+        for name in ("kernel", "bias"):
+            values = np.asarray(params[layer][name])
+            assert np.abs(values).max() <= bound, (layer, name)
+            # Uniform over the whole range: its largest draw is near the bound, its spread bound / sqrt 3.
+            assert np.abs(values).max() > (0.9 if values.size > 20 else 0.5) * bound, (layer, name)
+            if values.size > 1000:
+                assert np.std(values) == pytest.approx(bound / np.sqrt(3), rel=0.05), (layer, name)
+    config.init = "flax"  # Flax's own: LeCun-normal kernels and zero biases
+    flax_params = create_train_state(models.create_model("lightweight", 10), (28, 28, 1), config, seed=0).params
+    assert not np.any(flax_params["head"]["bias"]) and np.abs(flax_params["Conv_0"]["kernel"]).max() > 0.2
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    for layer, bound in ((torch.nn.Conv2d(6, 16, 5), 1 / np.sqrt(150)), (torch.nn.Linear(256, 128), 1 / 16)):
+        for tensor in (layer.weight, layer.bias):
+            values = tensor.detach().numpy()
+            assert np.abs(values).max() <= bound and np.abs(values).max() > 0.9 * bound
+
+
+def test_wrn28_10_keeps_its_reference_codes_he_initialisation():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "configs" / "cifar10_wrn28_10.py"
+    spec = importlib.util.spec_from_file_location("wrn_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.get_config().init == "flax"

@@ -30,5 +30,6 @@ def test_the_notebook_runs_and_shows_its_figures(tmp_path, monkeypatch):
     assert len(images) >= 6 and all(len(o.data["image/png"]) > 5000 for o in images)
     text = "".join(o.text for o in outputs if o.output_type == "stream")
     assert "released: ce" in text and "fixed training anchor" in text
+    assert "seed(s), arms [" in text  # section 5 found the study's records, or fell back to the notebook's run
     for name in ("accuracy", "anchor_heatmap", "anchor_entropy", "eval_batch_size"):
         assert (tmp_path / "runs" / "released" / "plots" / f"{name}.png").is_file()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oat_jax import oat, objectives, train
+from oat_jax import oat, objectives, steps, train
 from oat_jax.objectives import LossSettings
 
 OUTPUTS = np.array([[1.0, -0.5, 2.0], [0.0, 3.0, -1.0], [9.0, 9.0, 9.0]], np.float32)
@@ -55,16 +55,65 @@ def test_every_objective_gives_a_loss_per_real_row_and_zero_on_padding(name):
     assert values.shape == (3,) and np.all(np.isfinite(values)) and values[2] == 0.0 and np.all(values[:2] > 0)
 
 
-def test_six_arms_train_from_one_pretraining(synthetic_config, tmp_path):
-    """Every objective as an arm of one run: each continues the same pre-training, is evaluated with its own
-    decoding, and is summarised; the OAT-type ones log their largest target."""
-    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
+def test_six_arms_of_three_seeds_train_from_one_pretraining(synthetic_config, tmp_path):
+    """Every objective as an arm of one run of three seeds: each continues the same pre-training, is evaluated
+    with its own decoding and with the four of ``test_accuracy_by_decode``, and is summarised per seed and
+    against cross-entropy; the OAT-type ones log their largest target."""
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.num_seeds = 2, 1, 3
     synthetic_config.arms = ",".join(objectives.names())
     summary = train.train_and_evaluate(synthetic_config, str(tmp_path), report=lambda record: None)
     assert list(summary["arms"]) == list(objectives.names())
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [(r["arm"], r["epoch"]) for r in records] == [("pretrain", 1)] + [(a, 2) for a in objectives.names()]
-    for record in records[1:]:
+    assert [(r["arm"], r["epoch"], r["seed"]) for r in records] == [
+        (arm, epoch, seed) for arm, epoch in [("pretrain", 1)] + [(a, 2) for a in objectives.names()]
+        for seed in (0, 1, 2)]
+    for record in records[3:]:
         assert record["objective"] == record["arm"]
         assert ("max_target" in record) == objectives.get(record["arm"]).uses_anchor
-        assert summary["arms"][record["arm"]]["final_test_accuracy"] == record["test_accuracy"]
+        by_decode = record["test_accuracy_by_decode"]
+        assert sorted(by_decode) == ["batch", "single", "train_anchor", "uniform"]
+        own = "batch" if objectives.get(record["arm"]).decode == "anchor" else "uniform"
+        assert record["test_accuracy"] == by_decode[own]
+        result = summary["arms"][record["arm"]]
+        assert result["seeds"][str(record["seed"])]["final_test_accuracy"] == record["test_accuracy"]
+    for arm in objectives.names()[1:]:
+        differences = [[r["test_accuracy"] for r in records if r["arm"] == arm and r["seed"] == seed][0]
+                       - [r["test_accuracy"] for r in records if r["arm"] == "ce" and r["seed"] == seed][0]
+                       for seed in (0, 1, 2)]
+        comparison = summary["arms"][arm]["vs_ce"]
+        assert comparison["seeds"] == 3 and comparison["wins"] == sum(d > 0 for d in differences)
+        assert comparison["mean_difference"] == pytest.approx(np.mean(differences))
+
+
+def test_the_four_decodings_against_numpy():
+    """``steps._correct`` on fixed outputs: argmax, OAT's decoding a * (z + 1) with the batch's anchor, with
+    each row's own anchor, and with a given (training) anchor; the released anchor softmax(mean softmax z)."""
+    outputs = np.array([[0.9, 1.0, -1.0], [0.2, -0.4, 0.1], [-0.3, 0.5, 0.4], [5.0, 5.0, 5.0]], np.float32)
+    labels = np.array([0, 2, 1, 0], np.int32)
+    mask = np.array([True, True, True, False])
+    train_anchor = np.array([0.5, 0.3, 0.2], np.float32)
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    batch_anchor = softmax(softmax(outputs[:3].astype(np.float64)).mean(0))  # the real rows only
+    single_anchors = softmax(softmax(outputs.astype(np.float64)))
+    expected = {"argmax": outputs.argmax(1), "anchor": (batch_anchor * (outputs + 1)).argmax(1),
+                "single": (single_anchors * (outputs + 1)).argmax(1),
+                "train_anchor": (train_anchor * (outputs + 1)).argmax(1)}
+    # Row 0 by hand: [0.9, 1.0, -1.0] + 1 = [1.9, 2.0, 0.0]; with the training anchor [0.95, 0.6, 0]: class 0,
+    # while argmax says 1.
+    assert expected["train_anchor"][0] == 0 and expected["argmax"][0] == 1
+
+    class Fixed:  # a state whose model returns its inputs: outputs = images with mean 0, std 1/255
+        apply_fn = staticmethod(lambda variables, images, train: images)
+
+        def variables(self):
+            return {}
+
+    counts = steps._correct(Fixed(), jnp.asarray(outputs), jnp.asarray(labels), jnp.asarray(mask),
+                            jnp.asarray(train_anchor), 0.0, 1 / 255, "released", steps.DECODES)
+    for name in steps.DECODES:
+        assert int(counts[name]) == int(np.sum((expected[name] == labels) & mask)), name
+        np.testing.assert_array_equal(counts[f"{name}_per_class"], np.bincount(expected[name][mask], minlength=3))

@@ -40,10 +40,12 @@ def _fake_run(path, table, setting, ce, oat, *, seed=0, final_epoch=None, config
     return path
 
 
-def _rows(text, setting):
-    """The cells of each report row of ``setting``."""
-    return [[cell.strip() for cell in line.strip("|").split("|")]
+def _rows(text, setting, columns=7):
+    """The cells of each report row of ``setting``: the accuracy table's (7 columns), or the comparisons with
+    cross-entropy (6)."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in text.splitlines() if line.startswith(f"| {setting} |")]
+    return [row for row in rows if len(row) == columns]
 
 
 def test_cells_pool_seeds_across_workdirs_and_sit_in_the_papers_tables(tmp_path, capsys):
@@ -55,13 +57,22 @@ def test_cells_pool_seeds_across_workdirs_and_sit_in_the_papers_tables(tmp_path,
     # Table 1 comes before Table 5, as in the paper, whatever the order of the workdirs.
     assert text.index("## Table 1") < text.index("## Table 5")
     ce, oat = [70.0, 71.0, 72.5], [73.0, 75.5, 74.0]
-    row = next(line for line in text.splitlines() if line.startswith("| UCF-101, ResNet-18"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    [cells] = _rows(text, "UCF-101, ResNet-18")
     assert cells[1] == "72.403" and cells[3] == "74.253"  # the paper's Table 5 figures
     assert cells[2] == f"{np.mean(ce):.3f} ± {np.std(ce, ddof=1):.3f}"
     assert cells[4] == f"{np.mean(oat):.3f} ± {np.std(oat, ddof=1):.3f}"
     assert cells[5] == "3" and cells[6] == ""
     assert "| learning rate 0.01 | 70.288 | 69.500 | 59.397 | 60.250 | 1 |" in text
+    # OAT against cross-entropy paired by seed over the pooled runs: differences 3, 4.5, 1.5 (mean 3, standard
+    # error 1.5 / sqrt 3). With 2 degrees of freedom the t distribution has closed forms: quantile q is
+    # (2q - 1) / sqrt(2q(1 - q)), and the two-sided p of t is 1 - t / sqrt(t² + 2).
+    error, quantile = 1.5 / np.sqrt(3), 0.95 / np.sqrt(2 * 0.975 * 0.025)
+    t = 3 / error
+    assert _rows(text, "UCF-101, ResNet-18", columns=6) == [[
+        "UCF-101, ResNet-18", "oat", "+3.000", f"[{3 - quantile * error:+.3f}, {3 + quantile * error:+.3f}]",
+        f"{1 - t / np.sqrt(t * t + 2):.3g}", "3 of 3"]]
+    assert _rows(text, "learning rate 0.01", columns=6) == [
+        ["learning rate 0.01", "oat", "-9.250", "–", "–", "0 of 1"]]
 
 
 def test_partial_runs_are_flagged_not_passed_off_as_results(tmp_path, capsys):
@@ -99,15 +110,18 @@ def test_runs_of_different_configs_are_rows_of_their_own_naming_the_differences(
 
 
 def test_seeds_of_one_config_pool_across_old_and_new_config_files(tmp_path, capsys):
-    # An older config.json lacks the fields added since (their defaults then) and a cosmetic field may
-    # differ; a run at another learning rate stays out of the pooled row.
+    # An older config.json lacks the fields added since (their defaults then: init "flax", from before
+    # init="torch" became the default) and a cosmetic field may differ; runs at another learning rate or
+    # initialisation stay out of the pooled row.
     old = {"dataset": "fashion_mnist", "model": "lightweight", "num_epochs": 100, "train_limit": 0}
     a = _fake_run(tmp_path / "a", None, None, [70.0], [72.0], seed=0, config=old)
-    b = _fake_run(tmp_path / "b", None, None, [74.0], [73.0], seed=1, config=_config(progress=False))
-    c = _fake_run(tmp_path / "c", None, None, [10.0], [10.0], seed=2, config=_config(learning_rate=0.01))
-    assert report.main([str(a), str(b), str(c)]) == 0
+    b = _fake_run(tmp_path / "b", None, None, [74.0], [73.0], seed=1, config=_config(progress=False, init="flax"))
+    c = _fake_run(tmp_path / "c", None, None, [10.0], [10.0], seed=2,
+                  config=_config(learning_rate=0.01, init="flax"))
+    d = _fake_run(tmp_path / "d", None, None, [20.0], [20.0], seed=3, config=_config())
+    assert report.main([str(a), str(b), str(c), str(d)]) == 0
     rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
-    assert len(rows) == 2
+    assert len(rows) == 3 and rows[2][6] == "differs: init='torch'"
     assert rows[0][2] == f"{np.mean([70.0, 74.0]):.3f} ± {np.std([70.0, 74.0], ddof=1):.3f}"
     assert rows[0][4] == f"{np.mean([72.0, 73.0]):.3f} ± {np.std([72.0, 73.0], ddof=1):.3f}"
     assert rows[0][5] == "2" and rows[0][6] == ""
@@ -192,3 +206,21 @@ def test_an_old_method_both_run_and_a_new_arms_run_pool_and_other_arms_are_noted
     rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
     assert len(rows) == 1 and rows[0][5] == "2" and rows[0][6] == "ce_smooth: 71.500"
     assert rows[0][2] == f"{np.mean([70.0, 74.0]):.3f} ± {np.std([70.0, 74.0], ddof=1):.3f}"
+
+
+def test_the_final_epochs_four_decodings_are_tabled_over_seeds(tmp_path, capsys):
+    runs = []
+    for seed, (batch, single) in enumerate(((80.0, 79.0), (82.0, 80.0))):
+        run = _fake_run(tmp_path / f"s{seed}", None, None, [70.0], [81.0], seed=seed, config=_config())
+        summary = json.loads((run / "summary.json").read_text())
+        decodes = {"batch": batch, "single": single, "train_anchor": 78.0, "uniform": 77.0}
+        summary["arms"]["oat"]["seeds"][str(seed)]["final_test_accuracy_by_decode"] = decodes
+        (run / "summary.json").write_text(json.dumps(summary))
+        runs.append(str(run))
+    assert report.main(runs) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| fashion_mnist, lightweight | oat |")]
+    # The comparison with cross-entropy (+11 on both seeds) and the decodings; ce logged none, so has no row.
+    assert rows[1] == (f"| fashion_mnist, lightweight | oat | 81.000 ± {np.std([80.0, 82.0], ddof=1):.3f} | "
+                       f"79.500 ± {np.std([79.0, 80.0], ddof=1):.3f} | 78.000 ± 0.000 | 77.000 ± 0.000 |")
+    assert rows[0].startswith("| fashion_mnist, lightweight | oat | +11.000 | [+11.000, +11.000] | 0 | 2 of 2 |")

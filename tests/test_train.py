@@ -168,6 +168,7 @@ def test_both_arms_learn_and_branch_from_the_same_pretraining(synthetic_config, 
     for arms in ("ce", "oat"):
         synthetic_config.arms = arms
         alone, _ = _run(synthetic_config, tmp_path / arms)
+        summary["arms"][arms].pop("vs_ce", None)  # against the other arm, which the run alone lacks
         assert alone["arms"][arms] == summary["arms"][arms]
 
 
@@ -385,14 +386,31 @@ def test_a_log_line_cut_short_is_trained_again_so_the_summary_stays_right(synthe
                                                           if r["arm"] == arm}, rel=1e-6)
 
 
-def test_divergence_is_reported_with_arm_epoch_and_cause(synthetic_config, tmp_path):
+def test_a_diverged_arm_is_recorded_and_the_other_arms_go_on(synthetic_config, tmp_path, capsys):
     synthetic_config.variant = "paper"
-    synthetic_config.learning_rate = 50.0
+    synthetic_config.learning_rate = 0.5  # the paper's anchor diverges; cross-entropy does not
     synthetic_config.pretrain_epochs = 0
-    synthetic_config.method = "oat"
-    with pytest.raises(train.TrainingDiverged, match=r"arm 'oat', epoch 1, step \d+ .*paper variant"):
-        _run(synthetic_config, tmp_path)
+    synthetic_config.num_epochs = 2
+    synthetic_config.arms = "oat,ce"
+    summary, seen = _run(synthetic_config, tmp_path)
+    warning = capsys.readouterr().err
+    assert re.search(r"training diverged: arm 'oat', epoch 1, step \d+ of 13 .*paper variant.* Arm 'oat' stops "
+                     r"here, its last good checkpoint kept; the other arms go on", warning)
+    assert [(r["arm"], r["epoch"]) for r in seen] == [("ce", 1), ("ce", 2)]  # it went on
+    step = int(re.search(r"step (\d+) of", warning).group(1))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    event = next(line for line in lines if line["arm"] == "oat")
+    assert event["event"] == "diverged" and (event["epoch"], event["step"], event["seed"]) == (1, step, 0)
+    assert event["message"] in warning
     assert ArmCheckpoints(str(tmp_path), "oat").latest_epoch() is None  # nothing diverged was saved
+    # The summary says where; with no good epoch of its own the arm has no accuracy, and its state is the
+    # branch point's (epoch 0).
+    assert summary["arms"]["oat"] == {"seeds": {}, "diverged": {"0": {"epoch": 1, "step": step}}, "final_epoch": 0}
+    assert summary["arms"]["ce"]["final_epoch"] == 2 and "diverged" not in summary["arms"]["ce"]
+    # A rerun reads the divergence as the arm's end: nothing is trained again, the files stay as they were.
+    before = (tmp_path / "metrics.jsonl").read_text()
+    again, seen = _run(synthetic_config, tmp_path)
+    assert seen == [] and again == summary and (tmp_path / "metrics.jsonl").read_text() == before
 
 
 def test_a_non_finite_anchor_stops_training_too(synthetic_config, tmp_path, monkeypatch, request):

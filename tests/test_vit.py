@@ -1,5 +1,6 @@
 """ViT-L/16 (oat_jax.models.vit): torchvision's names and shapes, the weight conversion, dropout, size checks,
-and parity with a NumPy multi-head attention and, where torchvision imports, with torchvision's own ViT."""
+and parity with a NumPy multi-head attention and, where torch imports, with a ViT in plain torch.nn
+(tests/torch_references.py) whose weights go through the registered conversion and the .pth loader."""
 import json
 import math
 import pathlib
@@ -137,27 +138,77 @@ def test_attention_matches_numpy_through_the_conversion(tiny):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
 
 
-def _import_torchvision():
-    try:
-        import torchvision
-    except Exception:  # not installed, or its compiled operators clash with the installed torch
-        return None
-    return torchvision
+# --- against an independent PyTorch reference (tests/torch_references.py) ------------------------------------
+
+def _torch_references():
+    pytest.importorskip("torch")
+    import torch_references
+    return torch_references
 
 
-def test_matches_torchvisions_vision_transformer():
-    torchvision = _import_torchvision()
-    if torchvision is None:
-        pytest.skip("torchvision does not import")
+@pytest.fixture(scope="module")
+def reference():
+    """The tiny ViT's architecture in plain torch.nn with random weights, in eval mode, for 32x32 images."""
+    references = _torch_references()
+    return references.randomize(references.VisionTransformer(image_size=32, num_classes=5, **TINY))
+
+
+def _registered_conversion(reference) -> dict:
+    """The reference's state dict through vit_l16's registered to_flax (which reads the size from the names),
+    the head converted by hand."""
+    tensors = {name: tensor.numpy().copy() for name, tensor in reference.state_dict().items()}
+    weight, bias = (tensors.pop(key) for key in models.torch_weights("vit_l16").head_keys)
+    variables = models.torch_weights("vit_l16").to_flax(tensors)
+    assert not tensors, f"to_flax left tensors unused: {sorted(tensors)}"
+    variables["params"]["head"] = {"kernel": weight.T, "bias": bias}
+    return variables
+
+
+def _torch_outputs(reference, images: np.ndarray) -> np.ndarray:
+    """The reference's outputs for NHWC ``images``."""
     import torch
-
-    torch.manual_seed(0)
-    reference = torchvision.models.vision_transformer.VisionTransformer(image_size=32, num_classes=5, **TINY).eval()
     with torch.no_grad():
-        for parameter in reference.parameters():  # off torchvision's init (zero head, unit norms) everywhere
-            parameter.add_(0.1 * torch.randn_like(parameter))
-        images = torch.randn(2, 3, 32, 32)
-        expected = reference(images).numpy()
-    variables = _with_head({name: tensor.numpy() for name, tensor in reference.state_dict().items()})
-    ours = _tiny().apply(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+        return reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def test_torch_reference_converts_to_vit_l16():
+    """At full size and without computing anything (torch's meta device, jax.eval_shape): the reference's state
+    dict is torchvision's vit_l_16's, names, shapes and order, and the registered to_flax turns it into exactly
+    vit_l16's variables (less the head)."""
+    references, torch = _torch_references(), pytest.importorskip("torch")
+    with torch.device("meta"):
+        reference = references.VisionTransformer(image_size=224, num_classes=1000, **vit.VIT_L16)
+    recorded = json.loads(KEYS.read_text())["state_dict"]
+    assert [(name, list(tensor.shape)) for name, tensor in reference.state_dict().items()] == list(recorded.items())
+
+    shapes = {name: jax.ShapeDtypeStruct(tuple(tensor.shape), jnp.float32)
+              for name, tensor in reference.state_dict().items() if not name.startswith("heads.")}
+    converted = jax.eval_shape(models.torch_weights("vit_l16").to_flax, shapes)
+    expected = jax.eval_shape(models.create_model("vit_l16", num_classes=1000).init, jax.random.key(0),
+                              jnp.zeros((1, 224, 224, 3)))
+    del expected["params"]["head"]
+    assert jax.tree.map(lambda leaf: leaf.shape, converted) == jax.tree.map(lambda leaf: leaf.shape, expected)
+
+
+def test_converted_outputs_equal_the_torch_reference(tiny, reference):
+    model, _, images = tiny
+    expected = _torch_outputs(reference, images)
+    ours = model.apply(_registered_conversion(reference), images)
+    difference = np.abs(np.asarray(ours) - expected).max()
+    print(f"tiny ViT: max |flax - torch| = {difference:.3g}, max |torch| = {np.abs(expected).max():.3g}")
+    assert difference <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_pth_checkpoint_of_the_torch_reference_loads_as_its_conversion(tiny, reference, tmp_path):
+    """The way pretrained weights come in: torch.save of the reference's state dict, read back by the project's
+    loader (as vit_l16's, whose conversion takes any size) into fresh variables, gives exactly the conversion
+    whose outputs the test above compares; the fresh head stays."""
+    import torch
+    from oat_jax.models.weights import load_torchvision_weights
+    fresh = tiny[1]
+    torch.save(reference.state_dict(), tmp_path / "vit.pth")
+    loaded = load_torchvision_weights("vit_l16", tmp_path / "vit.pth", fresh)
+    converted = _registered_conversion(reference)
+    np.testing.assert_array_equal(loaded["params"]["head"]["kernel"], fresh["params"]["head"]["kernel"])
+    loaded["params"]["head"] = converted["params"]["head"]
+    _assert_same_tree(loaded, converted, rtol=0, atol=0)

@@ -9,6 +9,7 @@ import pytest
 
 from oat_jax import workdir
 from oat_jax.config_schema import base_config
+from oat_jax.paired import paired_comparison
 
 
 def _new_config(**fields):
@@ -92,14 +93,21 @@ def test_check_config_refuses_a_changed_field_naming_it(tmp_path):
                 "to resume it, or pass a new --workdir to start fresh")
     with pytest.raises(workdir.WorkdirMismatch) as error:
         workdir.check_config(str(run), _new_config(learning_rate=0.01))
-    assert str(error.value) == expected.format("learning_rate")
+    assert str(error.value) == expected.format("learning_rate (recorded 0.001, now 0.01)")
     with pytest.raises(workdir.WorkdirMismatch) as error:
         workdir.check_config(str(run), _new_config(arms="oat", anchor_scope="device"))
-    assert str(error.value) == expected.format("anchor_scope, arms")
+    assert str(error.value) == expected.format("anchor_scope (recorded 'global', now 'device'), arms (recorded "
+                                               "'ce,oat', now 'oat')")
     # A field the run predates is a change only when the new config sets another value than its default.
-    predates = _workdir(tmp_path / "predates", {k: v for k, v in _old_record().items() if k != "anchor_scope"})
-    with pytest.raises(workdir.WorkdirMismatch, match=r"\(fields: anchor_scope\)"):
-        workdir.check_config(str(predates), _new_config(anchor_scope="device"))
+    predates = _workdir(tmp_path / "predates", {k: v for k, v in _old_record().items()
+                                                if k not in ("anchor_scope", "init")})
+    with pytest.raises(workdir.WorkdirMismatch, match=r"\(fields: anchor_scope \(recorded 'global', now 'device'\)\)"):
+        workdir.check_config(str(predates), _new_config(anchor_scope="device", init="flax"))
+    # ... except for a field whose default has changed since: a run before init="torch" was initialised as Flax
+    # does, and resumes only as such.
+    workdir.check_config(str(predates), _new_config(init="flax"))
+    with pytest.raises(workdir.WorkdirMismatch, match=r"\(fields: init \(recorded 'flax', now 'torch'\)\)"):
+        workdir.check_config(str(predates), _new_config())
 
 
 def test_check_config_lets_a_new_config_take_a_folder_without_a_trained_run(tmp_path):
@@ -140,6 +148,16 @@ def test_summarise_any_arms_ce_continuing_the_pretraining():
         for arm, accuracies in per_arm.items():
             records += [_record(arm, epoch, seed, accuracy) for epoch, accuracy in zip((2, 3), accuracies)]
     summary = workdir.summarise(records, ["ce", "oat", "ce_smooth", "oat_uniform"], {"table": ""})
+    # Each arm against cross-entropy, paired by seed. Differences of final accuracies: oat -1 and 13 (mean 6,
+    # standard error 7), ce_smooth -2 and 4 (mean 1, error 3). With one degree of freedom the t distribution is
+    # Cauchy's: quantile 0.975 = tan(0.475 pi), two-sided p = 1 - 2 atan(|t|) / pi.
+    quantile = math.tan(0.475 * math.pi)
+    for arm, mean, error in (("oat", 6.0, 7.0), ("ce_smooth", 1.0, 3.0)):
+        assert summary["arms"][arm].pop("vs_ce") == {
+            "mean_difference": pytest.approx(mean), "seeds": 2, "wins": 1,
+            "ci95": pytest.approx([mean - quantile * error, mean + quantile * error]),
+            "p_value": pytest.approx(1 - 2 * math.atan(mean / error) / math.pi)}
+    assert "vs_ce" not in summary["arms"]["ce"]
     assert summary["paper"] is None and list(summary["arms"]) == ["ce", "oat", "ce_smooth"]  # no epoch: left out
     # Cross-entropy's history starts with the pre-training: seed 0's best is its pre-training epoch 1.
     assert summary["arms"]["ce"] == {
@@ -158,11 +176,34 @@ def test_summarise_any_arms_ce_continuing_the_pretraining():
                   "1": {"final_test_accuracy": 61.0, "final_epoch": 3, "best_test_accuracy": 62.0, "best_epoch": 2}},
         "final_epoch": 3, "final_test_accuracy": 62.0, "final_test_accuracy_std": pytest.approx(math.sqrt(2)),
         "best_test_accuracy": 62.5, "best_test_accuracy_std": pytest.approx(1 / math.sqrt(2))}
+    # One seed: the difference and whether it wins, no interval or test.
+    one_seed = workdir.summarise([r for r in records if r["seed"] == 1], ["ce", "oat"], {"table": ""})
+    assert one_seed["arms"]["oat"]["vs_ce"] == {"mean_difference": 13.0, "ci95": None, "p_value": None, "wins": 1,
+                                                "seeds": 1}
     one_seed = workdir.summarise([r for r in records if r["seed"] == 1], ["ce_smooth"], {"table": "Table 1"})
     assert one_seed == {"paper": {"table": "Table 1"}, "arms": {"ce_smooth": {
         "seeds": {"1": {"final_test_accuracy": 61.0, "final_epoch": 3, "best_test_accuracy": 62.0, "best_epoch": 2}},
         "final_epoch": 3, "final_test_accuracy": 61.0, "final_test_accuracy_std": 0.0, "best_test_accuracy": 62.0,
         "best_test_accuracy_std": 0.0, "best_epoch": 2}}}
+
+
+def test_paired_comparison_matches_scipy_and_hand_computed_values():
+    stats = pytest.importorskip("scipy.stats")
+    arm = {"0": 89.1, "1": 88.7, "2": 89.6, "3": 88.9, "4": 89.4}
+    reference = {"0": 88.8, "1": 88.9, "2": 89.0, "3": 88.5, "4": 88.9, "5": 70.0}  # seed 5 has no partner
+    result = paired_comparison(arm, reference)
+    differences = [0.3, -0.2, 0.6, 0.4, 0.5]  # by hand: mean 0.32, sample sd 0.3114...
+    mean, sd = 0.32, math.sqrt(sum((d - 0.32) ** 2 for d in differences) / 4)
+    test = stats.ttest_rel(list(arm.values()), [reference[s] for s in arm])  # an independent paired t-test
+    half = stats.t.ppf(0.975, 4) * sd / math.sqrt(5)
+    assert result == {"mean_difference": pytest.approx(mean), "wins": 4, "seeds": 5,
+                      "p_value": pytest.approx(test.pvalue), "ci95": pytest.approx([mean - half, mean + half])}
+    # By hand: t = 0.32 / (0.3114 / sqrt 5) = 2.298 on 4 degrees of freedom lies between the tables' 2.132
+    # (two-sided p 0.10) and 2.776 (p 0.05).
+    assert test.statistic == pytest.approx(2.298, abs=1e-3) and 0.05 < result["p_value"] < 0.10
+    assert paired_comparison({"9": 1.0}, reference) is None
+    same = paired_comparison({"0": 2.0, "1": 3.0}, {"0": 1.0, "1": 2.0})  # no spread: a sure difference
+    assert same == {"mean_difference": 1.0, "ci95": [1.0, 1.0], "p_value": 0.0, "wins": 2, "seeds": 2}
 
 
 def test_metrics_log_keeps_the_checkpointed_epochs_and_reads_up_to_a_cut_line(tmp_path):
