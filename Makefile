@@ -4,7 +4,7 @@ PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test install study
+.PHONY: run test install python-version study
 
 run: install
 	$(PYTHON) -m oat_jax.main --config configs/default.py --workdir runs/default
@@ -12,9 +12,17 @@ run: install
 test: install
 	$(PYTHON) -m pytest -q -n 2
 
-install: .deps-installed
+# The install marker names the interpreter, so another PYTHON installs again.
+MARKER := .deps-installed-$(shell $(PYTHON) -c 'import sys, zlib; print(zlib.crc32(sys.executable.encode()))' 2>/dev/null)
 
-.deps-installed: requirements.txt setup.cfg
+install: python-version $(MARKER)
+
+python-version:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: oat_jax needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo "not found")." \
+	       "Pick another with PYTHON=..., e.g. make run PYTHON=python3.11"; exit 2; }
+
+$(MARKER): requirements.txt setup.cfg
 	@[ -f $(FASHION_MNIST) ] || [ -n "$$OAT_DATA_DIR" ] || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 	$(PYTHON) -m pip install -q -r requirements.txt -e '.[dev]'

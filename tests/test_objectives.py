@@ -1,6 +1,7 @@
 """The objectives of the arms against hand-computed values and independent NumPy references."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,10 +56,15 @@ def test_every_objective_gives_a_loss_per_real_row_and_zero_on_padding(name):
     assert values.shape == (3,) and np.all(np.isfinite(values)) and values[2] == 0.0 and np.all(values[:2] > 0)
 
 
-def test_six_arms_of_three_seeds_train_from_one_pretraining(synthetic_config, tmp_path):
+def test_six_arms_of_three_seeds_train_from_one_pretraining(synthetic_config, tmp_path, monkeypatch, request):
     """Every objective as an arm of one run of three seeds: each continues the same pre-training, is evaluated
     with its own decoding and with the four of ``test_accuracy_by_decode``, and is summarised per seed and
     against cross-entropy; the OAT-type ones log their largest target."""
+    # The replicas vectorised, as on accelerators: on XLA:CPU's default (K unrolled copies) twelve programs of
+    # three copies each take two minutes to compile; test_train checks that both ways train alike.
+    monkeypatch.setattr(steps, "_vectorise_replicas", lambda: True)
+    jax.clear_caches()  # compiled steps of the other mapping must not be reused, here or after
+    request.addfinalizer(jax.clear_caches)
     synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.num_seeds = 2, 1, 3
     synthetic_config.arms = ",".join(objectives.names())
     summary = train.train_and_evaluate(synthetic_config, str(tmp_path), report=lambda record: None)

@@ -104,11 +104,12 @@ def _assert_same_evaluations(run, reference):
                                        reference["evaluations"][size]["share"][decode], atol=1 / 75 + 1e-9)
 
 
-def test_four_and_eight_devices_train_and_evaluate_what_one_device_does(tmp_path):
+def test_eight_devices_train_and_evaluate_what_one_device_does(tmp_path):
+    """(Four devices: the fused, per-device-anchor and two-process tests below, each against one device.)"""
     one = sharded_run.run(str(tmp_path / "one"), {})
     assert one["devices"] == 1
     assert one["evaluations"]["16"]["accuracy"]["argmax"][0] < 90  # not a comparison of two perfect scores
-    for devices in (4, 8):
+    for devices in (8,):
         many = _run(tmp_path / str(devices), devices)
         assert many["devices"] == devices
         _assert_same_training(many, one, tmp_path / str(devices), tmp_path / "one")
