@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.anchor_scope = "global"   # on several devices: "global" = the anchor of the whole batch, as on one
                                      # device; "device" = each device's slice has its own (oat_jax.sharding)
     config.progress = True           # progress bar on a terminal
+    config.compilation_cache = ""    # XLA's compiled programs kept on disk for the next run: "" = the user's cache
+                                     # (${XDG_CACHE_HOME:-~/.cache}/oat_jax/xla), a folder, or "off"
     config.steps_in_flight = 2       # steps dispatched ahead of the devices (0 = unbounded; see oat_jax.dispatch)
     config.stall_timeout_seconds = 30.0  # with several devices: end a run whose devices stop answering (0 = never)
     # The paper's figures for this experiment (table "" = the paper has none), printed beside ours and
@@ -128,7 +130,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.image_size >= 0, f"image_size must be non-negative (0 = as stored), got {config.image_size}")
     require(config.num_epochs >= 1, f"num_epochs must be at least 1, got {config.num_epochs}")
     require(0 <= config.pretrain_epochs <= config.num_epochs,
-            f"pretrain_epochs must lie in 0..num_epochs ({config.num_epochs}), got {config.pretrain_epochs}")
+            f"pretrain_epochs must lie in 0..num_epochs ({config.num_epochs}), got {config.pretrain_epochs}; set "
+            f"--config.pretrain_epochs too (e.g. --config.pretrain_epochs={config.num_epochs // 2})")
     require(arms_of(config) == [objectives.PRETRAINING] or config.pretrain_epochs < config.num_epochs,
             f"pretrain_epochs ({config.pretrain_epochs}) leaves no epoch for the arms after the pre-training "
             f"(num_epochs {config.num_epochs})")

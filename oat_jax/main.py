@@ -5,6 +5,7 @@ prints their test accuracies beside the paper's figure. ``--config.<field>=<valu
 """
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import sys
@@ -46,6 +47,20 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _one_line(message) -> str:
+    """A message that reached us as the repr of a string (a KeyError's, perhaps twice over) as one plain line."""
+    text = str(message)
+    for _ in range(3):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            break
+        if not isinstance(value, str):
+            break
+        text = value
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _parse_flags(argv):
     """absl's parser, with a user's mistake reported in one line instead of a traceback."""
     try:
@@ -57,7 +72,7 @@ def _parse_flags(argv):
             message = f"{lines[0].rstrip(':')}: {lines[-1]}"
         _fail(message)
     except (AttributeError, KeyError) as e:  # an override naming a field the config does not have
-        _fail(f"unknown config field in a --config.<field> override: {str(e).strip(chr(34))}")
+        _fail("unknown config field in a --config.<field> override: " + _one_line(e.args[0] if e.args else e))
     except (TypeError, ValueError) as e:
         _fail(f"bad --config override: {e}")
     if _CONFIG.value is None or not _WORKDIR.value:
@@ -112,6 +127,21 @@ def _interrupt(signum, frame):
     request_stop()
 
 
+def use_compilation_cache(setting: str) -> str | None:
+    """Points JAX's persistent compilation cache at ``setting`` ("" = the user's cache folder, "off" = none),
+    unless $JAX_COMPILATION_CACHE_DIR already chose one; returns the folder in use. A resumed run, the next
+    seed or the next config then loads the programs it compiled before. JAX writes each entry whole, so runs
+    may share the folder."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or setting == "off":
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
+    import jax
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = setting or os.path.join(cache, "oat_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # the eval step takes about 0.5 s
+    return folder
+
+
 def main(argv):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
@@ -121,6 +151,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     started = time.perf_counter()
+    use_compilation_cache(config.compilation_cache)
     try:
         summary = train_and_evaluate(config, workdir)
     except (ConfigError, data.DatasetError, distributed.DistributedError, ShardingError, WeightsError,
@@ -134,6 +165,11 @@ def main(argv):
         _fail("interrupted; rerun the same command to resume from the last finished epoch", code=130)
     if not distributed.is_primary():  # process 0 prints the results and writes the files
         print(f"process {distributed.process_index()} of {distributed.process_count()} finished")
+        return
+    if summary.pop("already_finished", False):
+        print(f"{workdir} holds a finished run: nothing was trained, and its results are unchanged "
+              f"({os.path.join(workdir, 'summary.json')}); pass another --workdir to train again")
+        print(format_summary(summary))
         return
     print(format_summary(summary))
     print(f"wall time {time.perf_counter() - started:.1f} s; outputs in {workdir}")

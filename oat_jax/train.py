@@ -287,18 +287,34 @@ def _resume_points(managers, exp: Experiment, logged, diverged) -> dict:
     return points
 
 
+def _finished_summary(workdir, exp: Experiment, logged, diverged) -> dict | None:
+    """The summary of a run that has nothing left to train (every arm logged to its last epoch or diverged),
+    read from its summary.json; None otherwise. Its checkpoints are not needed (a study keeps none)."""
+    config = exp.config
+    if logged.get(PRETRAIN, 0) < config.pretrain_epochs or not all(
+            logged.get(arm) == config.num_epochs or arm in diverged for arm in exp.arms):
+        return None
+    try:
+        return workdir_lib.read_summary(workdir)
+    except workdir_lib.WorkdirError:
+        return None
+
+
 def _print_epoch(record):
     compiling = f" ({record['compile_seconds']:.1f}s compiling)" if record["compile_seconds"] >= 0.5 else ""
     extra = ""
-    if "max_target" in record:  # the anchor shapes this arm's targets
-        extra = f"  anchor H {record['anchor_entropy']:.3f} [{record['anchor_min']:.3f}, {record['anchor_max']:.3f}]"
+    if "max_target" in record:  # the anchor shapes this arm's targets: how far from uniform (entropy ln C) it is
+        uniform = np.log(len(record["anchor"]))
+        extra = (f"  anchor entropy {record['anchor_entropy']:.3f} (uniform {uniform:.3f}), entries "
+                 f"{record['anchor_min']:.3f}-{record['anchor_max']:.3f}")
     print(f"[{record['arm']:>8} seed {record['seed']}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
           f"test {record['test_accuracy']:6.2f}%  {record['epoch_seconds']:.1f}s{compiling}{extra}", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
-    """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json).
-    One run per workdir at a time: WorkdirBusy while another holds it (``workdir.hold_lock``)."""
+    """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json), with
+    ``already_finished`` True when the workdir held a finished run (its files then left untouched). One run
+    per workdir at a time: WorkdirBusy while another holds it (``workdir.hold_lock``)."""
     with contextlib.ExitStack() as lock:  # the workdir's lock, once taken, is released however the run ends
         return _train_and_evaluate(config, workdir, report, lock)
 
@@ -333,8 +349,11 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in [PRETRAIN, *exp.arms]}
     log = MetricsLog(os.path.join(workdir, workdir_lib.METRICS_FILE), write=distributed.is_primary())
     try:
-        points = _resume_points(managers, exp, _logged_epochs(log.records(), exp.seeds),
-                                {event["arm"] for event in log.divergences()})
+        logged, diverged = _logged_epochs(log.records(), exp.seeds), {event["arm"] for event in log.divergences()}
+        finished = _finished_summary(workdir, exp, logged, diverged)
+        if finished is not None:  # nothing left to train: its files stay as they are
+            return {**finished, "already_finished": True}
+        points = _resume_points(managers, exp, logged, diverged)
         # Metrics of epochs past the checkpoints (an epoch logged but not saved, a damaged checkpoint) are redone.
         log.keep_only({arm: -1 if point is None else point.epoch for arm, point in points.items()})
         if distributed.is_primary():

@@ -91,7 +91,8 @@ def _try_lock(fd: int, path: str) -> bool | None:
 
 # Config fields that may differ between a run and its resumption without changing its results.
 # fused_epoch: the same steps on the same batches either way, as on another number of devices.
-COSMETIC_FIELDS = ("progress", "distributed", "steps_in_flight", "stall_timeout_seconds", "fused_epoch")
+COSMETIC_FIELDS = ("progress", "distributed", "steps_in_flight", "stall_timeout_seconds", "fused_epoch",
+                   "compilation_cache")
 # Fields whose default changed: a config.json written before them had these values (read_config).
 PREDATED_VALUES = {"init": "flax"}
 # The old shorthand ``method`` as the objectives (``arms``) it trains; a non-empty method overrides arms.

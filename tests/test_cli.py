@@ -100,11 +100,14 @@ print(json.dumps({"epoch": epoch, "accuracy": train.evaluate(exp, state)}))
 @needs_fashion_mnist
 def test_finished_run_is_not_retrained(finished_run):
     workdir, first = finished_run
-    lines = (workdir / "metrics.jsonl").read_text()
+    files = {name: (workdir / name).read_bytes() for name in ("metrics.jsonl", "summary.json")}
+    dates = {name: (workdir / name).stat().st_mtime_ns for name in files}
     again = _run(workdir, *QUICK)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (workdir / "metrics.jsonl").read_text() == lines
-    assert first.stdout.splitlines()[-4:-1] == again.stdout.splitlines()[-4:-1]  # the same results table
+    assert {name: (workdir / name).read_bytes() for name in files} == files
+    assert {name: (workdir / name).stat().st_mtime_ns for name in files} == dates  # not even rewritten
+    assert f"{workdir} holds a finished run: nothing was trained" in again.stdout
+    assert first.stdout.splitlines()[-4:-1] == again.stdout.splitlines()[-3:]  # the same results table
 
 
 def _lines(path):
@@ -158,8 +161,9 @@ def test_killed_at_random_points_resumes_to_the_same_summary(finished_run, tmp_p
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--config.pretrain_epochs=7", "--config.num_epochs=5"], "pretrain_epochs"),
-    (["--config.learning_rat=0.1"], "learning_rat"),
+    (["--config.pretrain_epochs=7", "--config.num_epochs=5"],
+     "got 7; set --config.pretrain_epochs too (e.g. --config.pretrain_epochs=2)"),
+    (["--config.learning_rat=0.1"], "'learning_rat'; Did you mean \"learning_rate\" instead of \"learning_rat\"?"),
     (["--config.num_epochs=ten"], "num_epochs"),
     (["--config.dataset=mnist_typo"], "unknown dataset 'mnist_typo'"),
     (["--config.model=resnet"], "unknown model 'resnet'"),
@@ -169,7 +173,7 @@ def test_bad_config_exits_with_one_line(tmp_path, overrides, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) <= 2
+    assert len(result.stderr.strip().splitlines()) <= 2 and "\\n" not in result.stderr  # no escaped newline
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
@@ -219,3 +223,29 @@ def test_a_sweep_value_the_paper_lacks_is_one_line(tmp_path):
     result = _run(tmp_path / "run", config="configs/table2_batch_size.py:48")
     assert result.returncode == 2 and "Table 2 has batch sizes 32, 64, 128" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_compilation_cache_defaults_to_the_users_cache_folder(tmp_path):
+    """Runs keep XLA's compiled programs in ${XDG_CACHE_HOME:-~/.cache}/oat_jax/xla, or where
+    compilation_cache says; "off" keeps none, and an explicit $JAX_COMPILATION_CACHE_DIR wins."""
+    script = """
+import json, sys
+import jax
+from oat_jax.main import use_compilation_cache
+found = {}
+for setting in ("", sys.argv[1], "off"):
+    jax.config.update("jax_compilation_cache_dir", None)
+    found[setting or "default"] = [use_compilation_cache(setting), jax.config.jax_compilation_cache_dir]
+print(json.dumps(found))
+"""
+    environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    environment["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    chosen = str(tmp_path / "chosen")
+    result = subprocess.run([sys.executable, "-c", script, chosen], env=environment, capture_output=True, text=True,
+                            check=True)
+    default = str(tmp_path / "xdg" / "oat_jax" / "xla")
+    assert json.loads(result.stdout) == {"default": [default, default], chosen: [chosen, chosen], "off": [None, None]}
+    environment["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "env")
+    result = subprocess.run([sys.executable, "-c", script, chosen], env=environment, capture_output=True, text=True,
+                            check=True)
+    assert json.loads(result.stdout)["default"][0] == str(tmp_path / "env")

@@ -214,7 +214,7 @@ def test_interrupted_run_resumes_to_the_same_result(synthetic_config, tmp_path, 
             [("pretrain", 1), ("pretrain", 2), ("ce", 3), ("ce", 4), ("oat", 3), ("oat", 4)])
     # A finished run is not retrained.
     again, records = _run(synthetic_config, tmp_path / "straight")
-    assert again == expected and records == []
+    assert again.pop("already_finished") and again == expected and records == []
 
 
 def test_a_stop_part_way_through_an_epoch_is_saved_and_finished_exactly(synthetic_config, tmp_path, monkeypatch):
@@ -312,7 +312,7 @@ def test_a_workdir_from_before_a_new_field_resumes_while_the_field_keeps_its_def
     recorded = json.loads((tmp_path / "config.json").read_text())
     del recorded["anchor_scope"]
     (tmp_path / "config.json").write_text(json.dumps(recorded))
-    assert _run(synthetic_config, tmp_path)[0] == first
+    assert _run(synthetic_config, tmp_path)[0] == {**first, "already_finished": True}
     synthetic_config.anchor_scope = "device"
     with pytest.raises(WorkdirMismatch, match="anchor_scope"):
         _run(synthetic_config, tmp_path)
@@ -410,7 +410,8 @@ def test_a_diverged_arm_is_recorded_and_the_other_arms_go_on(synthetic_config, t
     # A rerun reads the divergence as the arm's end: nothing is trained again, the files stay as they were.
     before = (tmp_path / "metrics.jsonl").read_text()
     again, seen = _run(synthetic_config, tmp_path)
-    assert seen == [] and again == summary and (tmp_path / "metrics.jsonl").read_text() == before
+    assert seen == [] and again.pop("already_finished") and again == summary
+    assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
 def test_a_non_finite_anchor_stops_training_too(synthetic_config, tmp_path, monkeypatch, request):
@@ -486,7 +487,7 @@ def test_a_workdir_of_the_method_field_resumes_under_arms(synthetic_config, tmp_
     del recorded["arms"]
     recorded["method"] = "both"
     (tmp_path / "config.json").write_text(json.dumps(recorded))
-    assert _run(synthetic_config, tmp_path) == (first, [])
+    assert _run(synthetic_config, tmp_path) == ({**first, "already_finished": True}, [])
     synthetic_config.method = "both"
     assert config_schema.arms_of(synthetic_config) == ["ce", "oat"]
-    assert _run(synthetic_config, tmp_path) == (first, [])
+    assert _run(synthetic_config, tmp_path) == ({**first, "already_finished": True}, [])
