@@ -21,9 +21,9 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     """Defaults: the paper's protocol (Sec. 3.4) on the lightweight CNN and Fashion-MNIST."""
     config = ml_collections.ConfigDict()
-    config.dataset = "fashion_mnist"
+    config.dataset = "fashion_mnist"  # fashion_mnist, cifar10, ucf101, era, bar or image_folder (oat_jax.data)
     config.data_dir = ""             # local dataset folder; "" = $OAT_DATA_DIR, system copies, then tfds
-    config.model = "lightweight"
+    config.model = "lightweight"     # lightweight, wrn28_10, resnet18, wide_resnet50_2 or vit_l16
     config.init = "torch"            # "torch" = PyTorch's default for conv and dense layers, as the paper's
                                      # code had (oat_jax.models.torch_init); "flax" = the model's own initialisers
     config.dropout_rate = 0.0        # for models with dropout (wrn28_10, vit_l16)
@@ -32,11 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.normalisation = "dataset" # "dataset" = the training set's channel statistics, or "imagenet"
     config.num_epochs = 100          # total, pre-training included
     config.pretrain_epochs = 10      # cross-entropy epochs before OAT starts
-    config.batch_size = 32
+    config.batch_size = 32           # the training batch, whose anchor OAT regresses against
     config.eval_batch_size = 32      # the test anchor is computed per batch of this size
     config.shuffle_eval = True       # the paper's test loader is shuffled; a fixed seeded order here
-    config.learning_rate = 0.001
-    config.momentum = 0.9
+    config.learning_rate = 0.001     # optax SGD with momentum
+    config.momentum = 0.9            # SGD momentum
     config.reset_momentum = True     # fresh optimiser when OAT starts, as the released code does (IDT-ITI/OAT,
                                      # oat_efficientnet.py, builds a new optimiser for OAT)
     config.arms = "ce,oat"           # objectives trained from one shared pre-training (oat_jax.objectives)
@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.square_m = 1.0            # the "square" arm: target M of the label's output
     config.label_smoothing = 0.1     # the "ce_smooth" arm: optax.smooth_labels' alpha
     config.anchor_gradient = config_dict.placeholder(bool)  # None = the variant's own behaviour
-    config.seed = 0
+    config.seed = 0                  # initialisation and the per-epoch data order
     config.num_seeds = 1             # replicas trained side by side in one program, seeds seed..seed+K-1
     config.train_limit = 0           # use only the first N training samples (0 = all)
     config.test_limit = 0            # use only the first N test samples (0 = all)
@@ -72,6 +72,29 @@ def base_config() -> ml_collections.ConfigDict:
         "timeout_seconds": 300,      # how long to wait for every process to join
     })
     return config
+
+
+def field_help() -> list[tuple[str, object, str]]:
+    """(field, default, meaning) of every top-level field, the meaning read from ``base_config``'s own comments
+    (so the help cannot drift from the schema); groups such as ``paper`` are listed as one field."""
+    import inspect
+    import re
+    meanings, last = {}, None
+    for line in inspect.getsource(base_config).splitlines():
+        assignment = re.match(r"\s*config\.(\w+) = [^#]*(?:#\s*(.*))?$", line)
+        if assignment:
+            last = assignment.group(1)
+            meanings[last] = assignment.group(2) or ""
+        elif last and re.match(r"\s*#", line) and line.index("#") > 20:  # a comment continued on the next line
+            meanings[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    defaults = base_config()
+    group_meanings = {"paper": "the paper's table cell and figures, printed beside ours (oat_jax.paper_figures)",
+                      "distributed": "a run over several processes (hosts): see oat_jax.distributed"}
+    names = [name for name in meanings if name in defaults] + [n for n in defaults.keys() if n not in meanings]
+    return [(name, defaults[name].to_dict() if isinstance(defaults[name], ml_collections.ConfigDict)
+             else defaults[name], meanings.get(name) or group_meanings.get(name, "")) for name in names]
 
 
 def _check_fields(config, reference, prefix=""):

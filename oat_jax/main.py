@@ -61,8 +61,20 @@ def _one_line(message) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _print_help() -> None:
+    from oat_jax.config_schema import field_help
+    print("usage: python -m oat_jax.main --config configs/<experiment>.py --workdir <dir> "
+          "[--config.<field>=<value> ...]\n\nTrains (or resumes) an experiment's arms in the workdir and prints "
+          "their test accuracies. A config file starts from base_config(); any field can be overridden:\n")
+    for name, default, meaning in field_help():
+        print(f"  --config.{name}={default!r}\n      {meaning}" if meaning else f"  --config.{name}={default!r}")
+
+
 def _parse_flags(argv):
     """absl's parser, with a user's mistake reported in one line instead of a traceback."""
+    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
+        _print_help()
+        sys.exit(0)
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:

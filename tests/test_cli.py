@@ -249,3 +249,14 @@ print(json.dumps(found))
     result = subprocess.run([sys.executable, "-c", script, chosen], env=environment, capture_output=True, text=True,
                             check=True)
     assert json.loads(result.stdout)["default"][0] == str(tmp_path / "env")
+
+
+def test_help_lists_every_field_with_its_default_and_meaning():
+    from oat_jax.config_schema import base_config
+    result = subprocess.run([sys.executable, "-m", "oat_jax.main", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    for name in base_config().keys():
+        assert f"--config.{name}=" in result.stdout, name
+    assert "--config.learning_rate=0.001\n      optax SGD with momentum" in result.stdout
+    assert "--config.init='torch'\n      \"torch\" = PyTorch's default for conv and dense layers, as the paper's code " \
+           "had" in result.stdout  # a comment continued on the schema's next line is joined
