@@ -19,28 +19,23 @@ _KERNEL_DIMS = (2, 4, 5)
 def torch_default_init(params: dict, key: jax.Array) -> dict:
     """``params`` with every conv and dense layer (a dict holding a 2-, 4- or 5-D ``kernel``) redrawn as
     PyTorch's defaults: kernel and bias uniform in ±1/sqrt(fan_in). Normalisation layers and embeddings are
-    left as they are (PyTorch's and Flax's agree there)."""
-    paths = []
+    left as they are (PyTorch's and Flax's agree there). Layers are numbered in the tree's order, each drawing
+    from its own key."""
+    count = [0]
 
-    def collect(tree, path):
+    def redraw(tree):
         if not isinstance(tree, dict):
-            return
-        kernel = tree.get("kernel")
+            return tree
+        layer = dict(tree)
+        kernel = layer.get("kernel")
         if kernel is not None and not isinstance(kernel, dict) and kernel.ndim in _KERNEL_DIMS:
-            paths.append(path)
-        for name, child in tree.items():
-            collect(child, path + (name,))
+            bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
+            kernel_key, bias_key = jax.random.split(jax.random.fold_in(key, count[0]))
+            count[0] += 1
+            layer["kernel"] = jax.random.uniform(kernel_key, kernel.shape, kernel.dtype, -bound, bound)
+            if "bias" in layer:
+                bias = layer["bias"]
+                layer["bias"] = jax.random.uniform(bias_key, bias.shape, bias.dtype, -bound, bound)
+        return {name: redraw(child) for name, child in layer.items()}
 
-    collect(params, ())
-    redrawn = jax.tree.map(lambda leaf: leaf, params)  # a copy whose dicts may be changed
-    for number, path in enumerate(paths):
-        layer = redrawn
-        for name in path:
-            layer = layer[name]
-        kernel = layer["kernel"]
-        bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
-        kernel_key, bias_key = jax.random.split(jax.random.fold_in(key, number))
-        layer["kernel"] = jax.random.uniform(kernel_key, kernel.shape, kernel.dtype, -bound, bound)
-        if "bias" in layer:
-            layer["bias"] = jax.random.uniform(bias_key, layer["bias"].shape, layer["bias"].dtype, -bound, bound)
-    return redrawn
+    return redraw(params)
