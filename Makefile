@@ -1,6 +1,19 @@
 # The two quickstart commands. Both first install what is missing (once): Debian's Fashion-MNIST files and
-# the Python packages. Set PYTHON to use another interpreter (e.g. a virtual environment's).
-PYTHON ?= python3
+# the Python packages. Without PYTHON they use the project's own virtual environment, .venv, made from
+# BASE_PYTHON (a distribution's Python refuses pip installs outside one, PEP 668); PYTHON=... uses that
+# interpreter as it is.
+BASE_PYTHON ?= python3
+VENV := .venv
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+# The marker lives in the environment it describes.
+MARKER := $(VENV)/.deps-installed
+NEW_VENV := $(VENV)/bin/python
+else
+# The install marker names the interpreter, so another PYTHON installs again.
+MARKER := .deps-installed-$(shell $(PYTHON) -c 'import sys, zlib; print(zlib.crc32(sys.executable.encode()))' 2>/dev/null)
+NEW_VENV :=
+endif
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -12,12 +25,18 @@ run: install
 test: install
 	$(PYTHON) -m pytest -q -n 2
 
-# The install marker names the interpreter, so another PYTHON installs again.
-MARKER := .deps-installed-$(shell $(PYTHON) -c 'import sys, zlib; print(zlib.crc32(sys.executable.encode()))' 2>/dev/null)
-
 install: python-version $(MARKER)
 
-python-version:
+# Debian ships venv's pip bootstrap separately (python3-venv); it is installed when missing.
+$(VENV)/bin/python:
+	@$(BASE_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: oat_jax needs Python 3.11 or newer; $(BASE_PYTHON) is $$($(BASE_PYTHON) --version 2>/dev/null || echo "not found")." \
+	       "Pick another with BASE_PYTHON=..., e.g. make run BASE_PYTHON=python3.11"; exit 2; }
+	@$(BASE_PYTHON) -c 'import ensurepip' 2>/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
+	$(BASE_PYTHON) -m venv $(VENV)
+
+python-version: $(NEW_VENV)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "error: oat_jax needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo "not found")." \
 	       "Pick another with PYTHON=..., e.g. make run PYTHON=python3.11"; exit 2; }

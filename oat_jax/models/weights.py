@@ -210,7 +210,9 @@ def resolve_weights_path(spec: str) -> str:
     if not spec.startswith("torchvision:"):
         path = os.path.expanduser(spec)
         if not os.path.isfile(path):
-            raise WeightsError(f"weights file {path} does not exist")
+            raise WeightsError(f"weights file {path} does not exist; name another with "
+                               f"--config.pretrained_weights=FILE, or train from a random initialisation "
+                               f"with --config.pretrained_weights=''")
         return path
     model_name = spec.removeprefix("torchvision:")
     file_name = _conversion(model_name).standard_file
@@ -220,7 +222,9 @@ def resolve_weights_path(spec: str) -> str:
             return os.path.join(folder, file_name)
     raise WeightsError(f"{file_name} (torchvision's ImageNet weights of {model_name}) was not found in "
                        f"{', '.join(places)}; nothing is downloaded here: copy the file into one of these "
-                       f"folders (or set $OAT_WEIGHTS_DIR to its folder), or give its path")
+                       f"folders (or set $OAT_WEIGHTS_DIR to its folder), give its path with "
+                       f"--config.pretrained_weights=FILE, or train from a random initialisation with "
+                       f"--config.pretrained_weights=''")
 
 
 def _search_dirs() -> list[str]:
