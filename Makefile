@@ -49,15 +49,18 @@ $(MARKER): requirements.txt setup.cfg
 
 # The anchor study (README, "Does the anchor matter?"): one run per seed, its workdir under results/ so that a
 # sitting's progress is committed and the next resumes it; a finished seed keeps no checkpoints and is skipped.
+# The label-smoothing control came later: a run of its own per seed, pooled with the others by the report.
 STUDY_SEEDS ?= 0 1 2 3 4
 STUDY := results/fashion_mnist_study
 
 study: install
 	@for seed in $(STUDY_SEEDS); do \
-	  workdir=$(STUDY)/seed_$$seed; \
-	  if [ -f $$workdir/summary.json ]; then echo "seed $$seed: finished"; continue; fi; \
-	  $(PYTHON) -m oat_jax.main --config configs/fashion_mnist_study.py --workdir $$workdir \
-	    --config.seed=$$seed --config.progress=false || exit $$?; \
-	  rm -rf $$workdir/checkpoints $$workdir/tensorboard $$workdir/.lock; \
+	  for run in "seed_$$seed" "seed_$${seed}_ce_smooth --config.arms=ce_smooth"; do \
+	    set -- $$run; workdir=$(STUDY)/$$1; shift; \
+	    if [ -f $$workdir/summary.json ]; then echo "$$workdir: finished"; continue; fi; \
+	    $(PYTHON) -m oat_jax.main --config configs/fashion_mnist_study.py --workdir $$workdir \
+	      --config.seed=$$seed --config.progress=false "$$@" || exit $$?; \
+	    rm -rf $$workdir/checkpoints $$workdir/tensorboard $$workdir/.lock; \
+	  done; \
 	done
 	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md

@@ -28,8 +28,8 @@ _OTHER = "Runs outside the paper's tables"
 
 @dataclass
 class Cell:
-    """A row of the report: runs of one (table, setting) and one config apart from the seeds, no seed twice;
-    the paper's figures and our per-seed final accuracies."""
+    """A row of the report: runs of one (table, setting) and one config apart from the seeds and the arms, no
+    arm's seed twice; the paper's figures and our per-seed final accuracies."""
     table: str
     setting: str
     paper: dict | None
@@ -76,9 +76,15 @@ def _protocol(paper: dict | None) -> tuple[int, int]:
 
 
 def _identity(config: dict) -> dict:
-    """The fields that decide a run's results (``workdir.identity``) but the seeds and the paper's figures
+    """The fields that decide a run's results (``workdir.identity``) but the seeds, the arms (each arm branches
+    alone from the same pre-training, so a run of other arms adds to the same row) and the paper's figures
     (the cell's, already its key)."""
-    return {k: v for k, v in workdir_lib.identity(config).items() if k not in ("seed", "num_seeds", "paper")}
+    return {k: v for k, v in workdir_lib.identity(config).items()
+            if k not in ("seed", "num_seeds", "paper", "arms")}
+
+
+def _arm_seeds(accuracies: dict[str, dict[str, float]]) -> set[tuple[str, str]]:
+    return {(arm, seed) for arm, per_seed in accuracies.items() for seed in per_seed}
 
 
 @dataclass
@@ -128,8 +134,8 @@ def _new_row_note(cell_rows: list[Cell], run: Run) -> str:
     identity = _identity(run.config)
     same = [row for row in cell_rows if row.identity == identity]
     if same:
-        repeated = sorted(set.union(*(row.seeds for row in same)) & run.seeds, key=int)
-        return f"repeats seed {', '.join(repeated)}"
+        repeated = set.union(*(_arm_seeds(row.accuracies) for row in same)) & _arm_seeds(run.accuracies)
+        return f"repeats seed {', '.join(sorted({seed for _, seed in repeated}, key=int))}"
     first = cell_rows[0].identity
     changed = [f"{k}={identity.get(k)!r}" for k in sorted(set(first) | set(identity))
                if first.get(k) != identity.get(k)]
@@ -138,7 +144,8 @@ def _new_row_note(cell_rows: list[Cell], run: Run) -> str:
 
 def collect(runs: list[Run]) -> list[Cell]:
     """The report's rows: each run joins the first row of its (table, setting) with the same config apart
-    from the seeds and none of its seeds, else starts a row of its own beneath the cell's others."""
+    from the seeds and arms and none of its arms' seeds, else starts a row of its own beneath the cell's
+    others."""
     rows: list[Cell] = []
     for run in runs:
         paper = run.summary.get("paper")
@@ -148,7 +155,8 @@ def collect(runs: list[Run]) -> list[Cell]:
             key = (_OTHER, f"{run.config['dataset']}, {run.config['model']}")
         cell_rows = [row for row in rows if (row.table, row.setting) == key]
         identity = _identity(run.config)
-        row = next((r for r in cell_rows if r.identity == identity and not r.seeds & run.seeds), None)
+        row = next((r for r in cell_rows if r.identity == identity
+                    and not _arm_seeds(r.accuracies) & _arm_seeds(run.accuracies)), None)
         if row is None:
             row = Cell(key[0], key[1], paper, identity)
             if cell_rows:
@@ -164,13 +172,14 @@ def collect(runs: list[Run]) -> list[Cell]:
     return rows
 
 
-def _ours(per_seed: dict[str, float]) -> str:
+def _ours(per_seed: dict[str, float], row_seeds: int = 0) -> str:
+    """Mean ± standard deviation over the seeds, and how many seeds when fewer than the row's ``row_seeds``."""
     values = list(per_seed.values())
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    text = (f"{values[0]:.3f}" if len(values) == 1
+            else f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}")
+    return text + (f" ({len(values)} of {row_seeds} seeds)" if len(values) < row_seeds else "")
 
 
 def _table_rank(table: str) -> int:
@@ -189,8 +198,8 @@ def format_markdown(cells: list[Cell]) -> str:
         for cell in (c for c in cells if c.table == table):
             paper_ce, paper_oat = ((f"{cell.paper['ce']:.3f}", f"{cell.paper['oat']:.3f}") if cell.paper
                                    else ("–", "–"))
-            ce, oat = (_ours(cell.accuracies.get(arm, {})) for arm in ("ce", "oat"))
-            notes = [f"{arm}: {_ours(values)}" for arm, values in cell.accuracies.items()
+            ce, oat = (_ours(cell.accuracies.get(arm, {}), len(cell.seeds)) for arm in ("ce", "oat"))
+            notes = [f"{arm}: {_ours(values, len(cell.seeds))}" for arm, values in cell.accuracies.items()
                      if arm not in ("ce", "oat")]  # an arm of another objective: not in the paper's tables
             lines.append(f"| {cell.setting} | {paper_ce} | {ce} | {paper_oat} | {oat} | {len(cell.seeds)} | "
                          f"{'; '.join(notes + cell.notes)} |")

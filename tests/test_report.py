@@ -181,7 +181,7 @@ def test_unknown_paper_cells_are_refused_with_the_known_ones():
         paper_cell("Table 5", "UCF-101, ResNet-19")
 
 
-def test_an_old_method_both_run_and_a_new_arms_run_pool_and_other_arms_are_noted(tmp_path, capsys):
+def test_runs_of_other_arms_pool_into_one_row_each_arm_with_its_own_seeds(tmp_path, capsys):
     old = _fake_run(tmp_path / "old", None, None, [70.0], [72.0], seed=0, config=_config(method="both"))
     new_config = {k: v for k, v in _config().items() if k != "method"} | {"arms": "ce,oat,ce_smooth", "method": ""}
     new = _fake_run(tmp_path / "new", None, None, [74.0], [73.0], seed=1, config=new_config)
@@ -193,19 +193,32 @@ def test_an_old_method_both_run_and_a_new_arms_run_pool_and_other_arms_are_noted
     summary = json.loads((only_ce / "summary.json").read_text())
     del summary["arms"]["oat"]
     (only_ce / "summary.json").write_text(json.dumps(summary))
-    # The new run's arms differ from the old one's by its third arm: a row of its own, its arm in the notes.
+    # An old method="both" run, a run with a third arm and a cross-entropy-only run, of one config apart from
+    # seeds and arms: one row of 3 seeds, an arm with fewer saying how many.
     assert report.main([str(old), str(new), str(only_ce)]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out, "fashion_mnist, lightweight")
+    assert len(rows) == 1 and rows[0][5] == "3"
+    assert rows[0][2] == f"{np.mean([70.0, 74.0, 10.0]):.3f} ± {np.std([70.0, 74.0, 10.0], ddof=1):.3f}"
+    assert rows[0][4] == f"{np.mean([72.0, 73.0]):.3f} ± {np.std([72.0, 73.0], ddof=1):.3f} (2 of 3 seeds)"
+    assert rows[0][6] == "ce_smooth: 71.500 (1 of 3 seeds)"
+    # A later run of one more arm for seeds already there joins them: paired with cross-entropy by seed.
+    extra = _fake_run(tmp_path / "extra", None, None, [], [], seed=0, config=new_config | {"arms": "ce_smooth"})
+    summary = json.loads((extra / "summary.json").read_text())
+    summary["arms"] = {"ce_smooth": {"final_epoch": 100, "seeds": {"0": {"final_test_accuracy": 69.0,
+                                                                         "final_epoch": 100}}}}
+    (extra / "summary.json").write_text(json.dumps(summary))
+    assert report.main([str(old), str(new), str(extra)]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out, "fashion_mnist, lightweight")
+    assert len(rows) == 1 and rows[0][5] == "2" and rows[0][6] == f"ce_smooth: {np.mean([69.0, 71.5]):.3f} ± " \
+        f"{np.std([69.0, 71.5], ddof=1):.3f}"
+    # ce_smooth - ce: seed 0 69 - 70 = -1, seed 1 71.5 - 74 = -2.5; mean -1.75, no win.
+    assert "| fashion_mnist, lightweight | ce_smooth | -1.750 |" in out and "| 0 of 2 |" in out
+    # The same arm and seed twice: a row of its own.
+    assert report.main([str(old), str(new), str(extra), str(extra)]) == 0
     rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
-    assert [row[2:6] for row in rows] == [["70.000", "–", "72.000", "1"], ["74.000", "–", "73.000", "1"],
-                                          ["10.000", "–", "–", "1"]]
-    assert rows[1][6] == "ce_smooth: 71.500; differs: arms='ce,oat,ce_smooth'"
-    assert rows[2][6] == "differs: arms='ce'"
-    # Its arms as "ce,oat": one config with the old method="both" run, their seeds pooled.
-    (new / "config.json").write_text(json.dumps(new_config | {"arms": "ce,oat"}))
-    assert report.main([str(old), str(new)]) == 0
-    rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
-    assert len(rows) == 1 and rows[0][5] == "2" and rows[0][6] == "ce_smooth: 71.500"
-    assert rows[0][2] == f"{np.mean([70.0, 74.0]):.3f} ± {np.std([70.0, 74.0], ddof=1):.3f}"
+    assert len(rows) == 2 and rows[1][6] == "ce_smooth: 69.000; repeats seed 0"
 
 
 def test_the_final_epochs_four_decodings_are_tabled_over_seeds(tmp_path, capsys):
