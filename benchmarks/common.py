@@ -1,6 +1,7 @@
 """What every benchmark shares: repeated timing with medians, the machine's description, the JSON output."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -10,6 +11,28 @@ import statistics
 import sys
 import time
 from typing import Callable
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none to show (None, False, "") or the help
+    text already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == "" or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+TORCH_HINT = "pip install torch, or the project's extra: pip install -e '.[torch]'"
+
+
+def torch_skip_note(what: str = "the JAX/PyTorch comparison") -> str:
+    """Says on stderr, in one line, that ``what`` is skipped because torch cannot be imported, and how to get
+    it; returns the reason to record in the JSON."""
+    reason = "torch is not installed"
+    print(f"note: {what} is skipped: {reason} (to get it: {TORCH_HINT})", file=sys.stderr, flush=True)
+    return reason
 
 
 def timed_repeats(run: Callable[[], None], repeats: int) -> dict[str, float]:

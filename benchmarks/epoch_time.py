@@ -2,7 +2,7 @@
 
     python -m benchmarks.epoch_time [--datasets fashion_mnist,cifar10] [--model lightweight] [--epochs 3]
                                     [--train-limit 0] [--test-limit 0] [--eval-repeats 3] [--no-fused]
-                                    [--no-torch] [--out benchmarks/results/FILE.json]
+                                    [--no-torch] [--torch-device auto] [--out benchmarks/results/FILE.json]
 
 Per dataset found on this machine (others are listed under "skipped", with the reason): the lightweight CNN,
 batch 32, evaluation batch 32, SGD with learning rate 0.001 and momentum 0.9, trained for ``--epochs`` whole
@@ -13,10 +13,12 @@ for cross-entropy, each test batch's own anchor for OAT).
 Arms:
 - JAX ``ce`` and ``oat``: the training loop's own ``train.train_epoch`` and ``train.evaluate`` on an
   ``Experiment`` built from ``base_config()``, step by step from host memory (``fused_epoch=False``, what
-  the default chooses on CPU); ``ce_fused`` and ``oat_fused`` (unless ``--no-fused``): the same epochs fused into one compiled
-  loop over device-resident data (``fused_epoch=True``). On XLA:CPU the fused loop is the slower one (XLA:CPU
-  runs the convolutions inside a while loop through a slower generic path); it is measured to show by how much.
-- PyTorch ``torch_ce`` and ``torch_oat`` (when torch is importable, unless ``--no-torch``):
+  the default chooses on CPU); ``ce_fused`` and ``oat_fused`` (unless ``--no-fused``): the same epochs fused
+  into one compiled loop over device-resident data (``fused_epoch=True``). On XLA:CPU the fused loop is the
+  slower one (XLA:CPU runs the convolutions inside a while loop through a slower generic path); it is measured
+  to show by how much.
+- PyTorch ``torch_ce`` and ``torch_oat`` (when torch is importable, unless ``--no-torch``; on the GPU where JAX
+  runs on one and PyTorch sees it, else on the CPU, as ``--torch-device`` says):
   ``torch_reference.lightweight_cnn`` in eager mode with torch's default thread count, the same batch sizes and
   epochs, a new shuffled order each epoch, ``torch_reference.make_train_step`` (images scaled by 1/255 and then
   standardised with the training set's per-channel mean and std, exactly as the JAX steps do), and the whole
@@ -52,9 +54,11 @@ DECODES = {"ce": "argmax", "oat": "anchor"}
 
 
 def _parse():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", default="fashion_mnist,cifar10")
-    parser.add_argument("--model", default="lightweight")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.epoch_time", description=__doc__.split("\n")[0],
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("--datasets", default="fashion_mnist,cifar10",
+                        help="datasets to time, each where found on this machine (others are listed as skipped)")
+    parser.add_argument("--model", default="lightweight", help="a model name of oat_jax.models")
     parser.add_argument("--epochs", type=int, default=3, help="whole epochs per arm; 2..N are the steady ones")
     parser.add_argument("--train-limit", type=int, default=0, help="first N training samples (0 = all)")
     parser.add_argument("--test-limit", type=int, default=0, help="first N test samples (0 = all)")
@@ -62,6 +66,8 @@ def _parse():
                         help="repetitions of the evaluation comparison after the last epoch")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused JAX arms")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch arms")
+    parser.add_argument("--torch-device", default="auto", choices=torch_reference.DEVICES,
+                        help="the PyTorch arms' device: auto = CUDA where JAX runs on a GPU and PyTorch sees one")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if args.epochs < 2:
@@ -144,13 +150,13 @@ class _TorchArm:
     framework = "torch"
     fused = False
 
-    def __init__(self, dataset: data.Dataset, tensors: dict, objective: str, mean, std, seed: int):
+    def __init__(self, dataset: data.Dataset, tensors: dict, objective: str, mean, std, seed: int, device: str):
         import torch
         self.objective, self.decode, self.tensors, self.seed = objective, DECODES[objective], tensors, seed
         self.mean, self.std = mean, std
         torch.manual_seed(seed)
         height, width, channels = dataset.train_images.shape[1:]
-        self.model = torch_reference.lightweight_cnn(channels, height, width, dataset.num_classes)
+        self.model = torch_reference.lightweight_cnn(channels, height, width, dataset.num_classes).to(device)
         self.step = torch_reference.make_train_step(self.model, objective, LEARNING_RATE, MOMENTUM, mean, std)
 
     def run_epoch(self, epoch: int) -> dict:
@@ -243,7 +249,7 @@ def _config(args, dataset_name: str, fused: bool):
     return config
 
 
-def _measure(dataset_name: str, args, with_torch: bool) -> dict:
+def _measure(dataset_name: str, args, torch_device: str | None) -> dict:
     config = _config(args, dataset_name, fused=False)
     dataset = data.load_dataset(dataset_name, config.data_dir, args.train_limit, args.test_limit)
     stepwise = Experiment.build(config, dataset)
@@ -251,12 +257,12 @@ def _measure(dataset_name: str, args, with_torch: bool) -> dict:
     if not args.no_fused:
         fused = Experiment.build(_config(args, dataset_name, fused=True), dataset)
         arms.update({"ce_fused": _JaxArm(fused, "ce"), "oat_fused": _JaxArm(fused, "oat")})
-    if with_torch:
-        tensors = {"train": torch_reference.to_tensors(dataset.train_images, dataset.train_labels),
-                   "test": torch_reference.to_tensors(dataset.test_images, dataset.test_labels)}
+    if torch_device:
+        tensors = {"train": torch_reference.to_tensors(dataset.train_images, dataset.train_labels, torch_device),
+                   "test": torch_reference.to_tensors(dataset.test_images, dataset.test_labels, torch_device)}
         for objective in ("ce", "oat"):
             arms[f"torch_{objective}"] = _TorchArm(dataset, tensors, objective, stepwise.mean, stepwise.std,
-                                                   config.seed)
+                                                   config.seed, torch_device)
     epochs = {name: [] for name in arms}
     for epoch in range(1, args.epochs + 1):  # interleaved: epoch e of every arm, then epoch e + 1
         for name, arm in arms.items():
@@ -284,17 +290,20 @@ def main():
              "epoch": "training pass + whole-test-set evaluation with the arm's decoding (no checkpoint writes)",
              "interleaving": "outer loop over epochs, inner loop over arms",
              "torch_normalisation": "uint8 / 255, then the training set's per-channel mean and std (as JAX)"}
+    torch_device = None
     if with_torch:
-        import torch
-        setup["torch_threads"] = torch.get_num_threads()
-        setup["torch_version"] = torch.__version__
+        torch_device = torch_reference.resolve_device(args.torch_device, jax.default_backend())
+        described = torch_reference.device_description(torch_device)
+        setup["torch_threads"] = described.pop("threads")
+        setup["torch_version"] = described.pop("version")
+        setup.update({f"torch_{key}": value for key, value in described.items()})
     elif not args.no_torch:
-        setup["torch_skipped"] = ("torch is not installed" if not torch_reference.available() else
+        setup["torch_skipped"] = (common.torch_skip_note() if not torch_reference.available() else
                                   f"the PyTorch reference has only the lightweight CNN, not '{args.model}'")
     result = {"benchmark": "epoch_time", "environment": environment, "setup": setup, "datasets": {}, "skipped": {}}
     for name in setup["datasets"]:
         try:
-            result["datasets"][name] = _measure(name, args, with_torch)
+            result["datasets"][name] = _measure(name, args, torch_device)
         except data.DatasetError as e:
             result["skipped"][name] = str(e)
     result["peak_rss_mb"] = common.peak_rss_mb()

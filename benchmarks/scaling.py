@@ -30,17 +30,18 @@ ARMS = (("ce", "ce", False), ("oat", "oat", False), ("oat_device_anchor", "oat",
 
 
 def _parse():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="lightweight")
-    parser.add_argument("--image-shape", default="32,32,3", help="H,W,C (default: CIFAR-10's)")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--per-device-batch", type=int, default=32)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0],
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("--model", default="lightweight", help="a model name of oat_jax.models")
+    parser.add_argument("--image-shape", default="32,32,3", help="H,W,C (default: %(default)s, CIFAR-10's)")
+    parser.add_argument("--num-classes", type=int, default=10, help="outputs of the model's head")
+    parser.add_argument("--per-device-batch", type=int, default=32, help="samples per device in each step")
     parser.add_argument("--devices", default="", help="device counts to time (default: 1, 2, 4, ... up to all)")
     parser.add_argument("--steps", type=int, default=300, help="steps per timed repetition")
     parser.add_argument("--steps-in-flight", type=int, default=base_config().steps_in_flight,
                         help="steps dispatched ahead of the devices, as the training loop's config field "
                              "(0 = unbounded: deadlocks XLA:CPU with several devices)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     available = jax.device_count()

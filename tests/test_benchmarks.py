@@ -1,4 +1,5 @@
 """The benchmark commands run, and emit the figures the README table is built from (not their speed)."""
+import importlib
 import json
 import os
 import pathlib
@@ -118,3 +119,47 @@ def test_scaling_refuses_more_devices_than_there_are():
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert result.returncode == 2
     assert "--devices must lie in 1..1 (the devices JAX sees), got [1, 3]" in result.stderr
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("step_time", ["a model name of oat_jax.models (default: lightweight)", "(default: 100; 10 with --quick)",
+                   "(default: 5; 2 with --quick)", "(default: 1,4,8; 1,4 with --quick)", "(default: auto)"]),
+    ("epoch_time", ["(default: fashion_mnist,cifar10)", "(default: 3)", "(default: auto)"]),
+    ("scaling", ["(default: 300)", "(default: 32,32,3, CIFAR-10's)", "(default: 2)"]),
+])
+def test_help_shows_the_defaults(module, expected, monkeypatch, capsys):
+    parse = importlib.import_module(f"benchmarks.{module}")._parse
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as stopped:
+        parse()
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for default in expected:
+        assert default in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_step_time_quick_without_torch_says_so_once(tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "torch.py").write_text("raise ImportError('torch is hidden from this test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")])))
+    done = _run("benchmarks.step_time", "--quick", "--image-shape", "20,20,2", "--seeds", "2",
+                env=env)
+    printed = json.loads(done.stdout)
+    setup = printed["setup"]
+    assert setup["quick"] and (setup["steps"], setup["repeats"], setup["seeds"]) == (10, 2, [2])  # --seeds wins
+    assert printed["jax"]["train_ms"]["oat"]["repeats"] == 2 and list(printed["jax"]["seeds"]) == ["2"]
+    assert setup["torch_skipped"] == "torch is not installed" and "torch" not in printed
+    notes = [line for line in done.stderr.splitlines() if "comparison is skipped" in line]
+    assert notes == ["note: the JAX/PyTorch comparison is skipped: torch is not installed (to get it: pip install "
+                     "torch, or the project's extra: pip install -e '.[torch]')"]
+
+
+def test_torch_runs_on_the_cpu_beside_jax_on_the_cpu():
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_reference
+    assert torch_reference.resolve_device("auto", "cpu") == "cpu"
+    assert torch_reference.resolve_device("auto", "gpu") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown torch device"):
+        torch_reference.resolve_device("tpu")
