@@ -35,6 +35,17 @@ def torch_skip_note(what: str = "the JAX/PyTorch comparison") -> str:
     return reason
 
 
+def image_shape(parser: argparse.ArgumentParser, text: str) -> tuple[int, int, int]:
+    """--image-shape "H,W,C" as a tuple; a malformed one ends the command through ``parser.error``."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3:
+        parser.error(f"--image-shape must be H,W,C, got {text!r}")
+    return shape
+
+
 def timed_repeats(run: Callable[[], None], repeats: int) -> dict[str, float]:
     """Runs ``run`` ``repeats`` times; median, min and max wall seconds (machines here are noisy)."""
     seconds = []

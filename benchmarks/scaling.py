@@ -45,11 +45,7 @@ def _parse():
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     available = jax.device_count()
-    try:
-        args.image_shape = tuple(int(v) for v in args.image_shape.split(","))
-        assert len(args.image_shape) == 3
-    except (ValueError, AssertionError):
-        parser.error(f"--image-shape must be H,W,C, got {args.image_shape!r}")
+    args.image_shape = common.image_shape(parser, args.image_shape)
     try:
         args.devices = ([int(n) for n in args.devices.split(",") if n] if args.devices
                         else [2 ** k for k in range(available.bit_length()) if 2 ** k <= available])

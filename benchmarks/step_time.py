@@ -65,11 +65,7 @@ def _parse():
         args.seeds = [int(k) for k in args.seeds.split(",") if k]
     except ValueError:
         parser.error(f"--seeds must be counts separated by commas, got {args.seeds!r}")
-    try:
-        args.image_shape = tuple(int(v) for v in args.image_shape.split(","))
-        assert len(args.image_shape) == 3
-    except (ValueError, AssertionError):
-        parser.error(f"--image-shape must be H,W,C, got {args.image_shape!r}")
+    args.image_shape = common.image_shape(parser, args.image_shape)
     try:
         args.model_override = _fields(args.model_override)
         _model(args)  # a field the model does not have is refused here (building a module computes nothing)

@@ -257,11 +257,7 @@ def _parse():
     parser.add_argument("--test-limit", type=int, default=0, help="first N test samples (0 = all)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    try:
-        args.image_shape = tuple(int(v) for v in args.image_shape.split(","))
-        assert len(args.image_shape) == 3
-    except (ValueError, AssertionError):
-        parser.error(f"--image-shape must be H,W,C, got {args.image_shape!r}")
+    args.image_shape = common.image_shape(parser, args.image_shape)
     return args
 
 
