@@ -229,27 +229,44 @@ def _decodings(cells: list[Cell]) -> list[str]:
             *rows]
 
 
+# OAT's controls (README, "Does the anchor matter?"): each removes one thing from OAT, so OAT minus the
+# control, paired by seed, is what that thing is worth.
+_CONTROLS = ("oat_uniform", "square", "ce_smooth")
+
+
 def _comparisons(cells: list[Cell]) -> list[str]:
-    """Each arm against cross-entropy, paired by seed (``oat_jax.paired``), for the rows that have both."""
+    """Each arm against cross-entropy, and OAT against each of its controls, paired by seed
+    (``oat_jax.paired``), for the rows that have both arms."""
+    against_ce = _paired_rows(cells, lambda arms: [(arm, "ce", arm) for arm in arms if "ce" in arms and arm != "ce"])
+    against_controls = _paired_rows(cells, lambda arms: [("oat", control, control) for control in _CONTROLS
+                                                          if "oat" in arms and control in arms])
+    lines = []
+    if against_ce:
+        lines += ["", "Against cross-entropy, paired by seed (final accuracy, percentage points; a 95 % t interval "
+                      "and a two-sided paired t-test):", "",
+                  "| setting | arm | mean difference | 95 % interval | p | wins |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |", *against_ce]
+    if against_controls:
+        lines += ["", "OAT against its controls, paired by seed (OAT minus the control; wins are OAT's):", "",
+                  "| setting | control | OAT − control | 95 % interval | p | OAT wins |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |", *against_controls]
+    return lines
+
+
+def _paired_rows(cells: list[Cell], pairs) -> list[str]:
+    """A table row per (arm, reference, label) that ``pairs`` picks from a row's arms, where they share seeds."""
     rows = []
     for cell in cells:
-        reference = cell.accuracies.get("ce")
-        for arm, per_seed in cell.accuracies.items():
-            comparison = paired_comparison(per_seed, reference) if reference and arm != "ce" else None
+        for arm, reference, label in pairs(cell.accuracies):
+            comparison = paired_comparison(cell.accuracies[arm], cell.accuracies[reference])
             if comparison is None:
                 continue
             interval = ("–" if comparison["ci95"] is None else
                         f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
             p_value = "–" if comparison["p_value"] is None else f"{comparison['p_value']:.3g}"
-            rows.append(f"| {cell.setting} | {arm} | {comparison['mean_difference']:+.3f} | {interval} | {p_value} | "
+            rows.append(f"| {cell.setting} | {label} | {comparison['mean_difference']:+.3f} | {interval} | {p_value} | "
                         f"{comparison['wins']} of {comparison['seeds']} |")
-    if not rows:
-        return []
-    return ["", "Against cross-entropy, paired by seed (final accuracy, percentage points; a 95 % t interval and a "
-                "two-sided paired t-test):", "",
-            "| setting | arm | mean difference | 95 % interval | p | wins |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
-            *rows]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

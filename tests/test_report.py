@@ -237,3 +237,27 @@ def test_the_final_epochs_four_decodings_are_tabled_over_seeds(tmp_path, capsys)
     assert rows[1] == (f"| fashion_mnist, lightweight | oat | 81.000 ± {np.std([80.0, 82.0], ddof=1):.3f} | "
                        f"79.500 ± {np.std([79.0, 80.0], ddof=1):.3f} | 78.000 ± 0.000 | 77.000 ± 0.000 |")
     assert rows[0].startswith("| fashion_mnist, lightweight | oat | +11.000 | [+11.000, +11.000] | 0 | 2 of 2 |")
+
+
+def test_oat_is_paired_with_each_of_its_controls_by_seed(tmp_path, capsys):
+    oat = [72.0, 73.0, 75.0]
+    run = _fake_run(tmp_path / "run", None, None, [70.0, 74.0, 72.0], oat, config=_config())
+    summary = json.loads((run / "summary.json").read_text())
+    # oat_uniform 1, 2 and 3 points below OAT on seeds 0, 1, 2; square on seeds 0 and 2 only.
+    for arm, per_seed in {"oat_uniform": {"0": 71.0, "1": 71.0, "2": 72.0}, "square": {"0": 73.0, "2": 75.0}}.items():
+        summary["arms"][arm] = {"final_epoch": 100, "seeds": {seed: {"final_test_accuracy": value, "final_epoch": 100}
+                                                             for seed, value in per_seed.items()}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert report.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    controls = out[out.index("OAT against its controls"):].split("\n\n")[1]
+    rows = _rows(controls, "fashion_mnist, lightweight", columns=6)
+    # Differences 1, 2, 3: mean 2, standard error 1/sqrt(3); t(2) quantile 4.303 -> 2 ± 2.484. With 2 degrees of
+    # freedom the t tail is closed-form, P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2, here t = sqrt(12): p = 0.0742.
+    low, high = (float(x) for x in rows[0][3].strip("[]").split(","))
+    assert rows[0][:3] == ["fashion_mnist, lightweight", "oat_uniform", "+2.000"]
+    assert low == pytest.approx(2 - 2.484, abs=2e-3) and high == pytest.approx(2 + 2.484, abs=2e-3)
+    assert float(rows[0][4]) == pytest.approx(1 - np.sqrt(12) / np.sqrt(14), abs=1e-3) and rows[0][5] == "3 of 3"
+    # square only on seeds 0 and 2: 72 - 73 and 75 - 75.
+    assert rows[1][:3] == ["fashion_mnist, lightweight", "square", "-0.500"] and rows[1][5] == "0 of 2"
+    assert len(rows) == 2  # no ce_smooth arm, no row
