@@ -1,9 +1,9 @@
 """Long runs on several forced CPU devices, and devices that stop answering (oat_jax.dispatch).
 
 With every step dispatched at once, XLA:CPU deadlocked after a few hundred steps on 2 or 4 devices and
-aborted the process 40 s later; the first test is that run (the CLI on 4,000 real Fashion-MNIST images, 625
-steps in all). The second makes one step never finish and checks that the watchdog ends the run in one line,
-before XLA would, and that the rerun resumes to the uninterrupted run's results."""
+aborted the process 40 s later; the first test is that run on 4 devices (the CLI on 4,000 real Fashion-MNIST
+images, 625 steps in all). The second makes one step never finish and checks that the watchdog ends the run in
+one line, before XLA would, and that the rerun resumes to the uninterrupted run's results."""
 import json
 import os
 import pathlib
@@ -20,26 +20,24 @@ ROOT = TESTS.parent
 
 
 def _environment(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
 @pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEFAULT_DIR) and not os.environ.get("OAT_DATA_DIR"),
                     reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-def test_hundreds_of_steps_on_two_and_four_devices_finish_alike(tmp_path):
-    finals = {}
-    for devices in (2, 4):
-        workdir = tmp_path / f"devices{devices}"
-        result = subprocess.run(
-            [sys.executable, "-m", "oat_jax.main", "--config", str(ROOT / "configs/fashion_mnist_lightweight.py"),
-             "--workdir", str(workdir), "--config.train_limit=4000", "--config.test_limit=500",
-             "--config.num_epochs=3", "--config.pretrain_epochs=1", "--config.progress=false"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600, env=_environment(devices))
-        assert result.returncode == 0, result.stderr[-3000:]
-        summary = json.loads((workdir / "summary.json").read_text())
-        finals[devices] = {arm: summary["arms"][arm]["final_test_accuracy"] for arm in ("ce", "oat")}
-    one_sample = 100 / 500
+def test_hundreds_of_steps_on_four_devices_finish_and_learn(tmp_path):
+    # That a run on several devices gives what one device gives is test_sharding's (8 devices against 1).
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "oat_jax.main", "--config", str(ROOT / "configs/fashion_mnist_lightweight.py"),
+         "--workdir", str(workdir), "--config.train_limit=4000", "--config.test_limit=500",
+         "--config.num_epochs=3", "--config.pretrain_epochs=1", "--config.progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_environment(4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    arms = json.loads((workdir / "summary.json").read_text())["arms"]
     for arm in ("ce", "oat"):
-        assert abs(finals[2][arm] - finals[4][arm]) <= one_sample + 1e-9, finals
+        assert arms[arm]["final_epoch"] == 3 and arms[arm]["final_test_accuracy"] > 25.0, arms  # chance: 10 %
 
 
 def _sharded_run(workdir, overrides, *extra):

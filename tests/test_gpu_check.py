@@ -70,7 +70,9 @@ def test_dry_run_figures_are_positive_and_finite(dry_run):
         for table in ("train_ms", "eval_ms"):
             assert all(parts[name]["jax"][table][arm]["median"] > 0 for arm in ("ce", "oat"))
     assert parts["step_wrn28_10_b32"]["setup"]["model"] == "wrn28_10"  # the registry's model, made small
-    assert parts["step_lightweight"]["torch"]["train_ms"]["oat"]["median"] > 0
+    light = parts["step_lightweight"]
+    assert light["torch"]["train_ms"]["oat"]["median"] > 0 and light["ratios"]["jax_over_torch_train_ce"] == \
+        pytest.approx(light["jax"]["train_ms"]["ce"]["median"] / light["torch"]["train_ms"]["ce"]["median"])
     arms = parts["epoch_fashion_mnist"]["datasets"]["fashion_mnist"]["arms"]
     assert {"ce", "oat", "ce_fused", "oat_fused"} <= set(arms)
     assert all(arm["steady_epoch_s"]["median"] > 0 for arm in arms.values())
@@ -83,6 +85,55 @@ def test_dry_run_figures_are_positive_and_finite(dry_run):
     assert any(line.startswith("OAT") for line in cli["printed"])
     torch = parts["torch_cuda"]
     assert torch["torch"]["device"] == "cpu" and torch["epochs"]["arms"]["oat"]["steady_epoch_s"]["median"] > 0
+
+
+def test_dry_run_epoch_part_measures_every_decoding(dry_run):
+    _, result = dry_run
+    printed = result["parts"]["epoch_fashion_mnist"]["result"]
+    setup, env = printed["setup"], printed["environment"]
+    assert (setup["epochs"], setup["train_limit"], setup["batch_size"], setup["eval_batch_size"]) == (2, 64, 32, 32)
+    assert "python -m benchmarks.epoch_time --datasets fashion_mnist --epochs 2 --train-limit 64" in printed["command"]
+    assert len(env["load_average_start"]) == len(env["load_average_end"]) == 3
+    figures = printed["datasets"]["fashion_mnist"]
+    assert figures["train_samples"] == 64 and figures["test_samples"] == 64 and figures["steps_per_epoch"] == 2
+    arms, ratios, evals = figures["arms"], figures["ratios"], figures["evaluation"]
+    assert set(arms) == {"ce", "oat", "ce_fused", "oat_fused", "torch_ce", "torch_oat"} and setup["torch"]
+    for name, arm in arms.items():
+        assert arm["decode"] == ("argmax" if arm["objective"] == "ce" else "anchor")
+        assert len(arm["epoch_s"]) == len(arm["train_s"]) == len(arm["eval_s"]) == 2
+        assert arm["epoch_s"] == pytest.approx([t + e for t, e in zip(arm["train_s"], arm["eval_s"])], abs=1e-3)
+        assert arm["first_epoch_s"] == arm["epoch_s"][0]
+        steady = arm["steady_epoch_s"]
+        assert 0 < steady["min"] <= steady["median"] <= steady["max"] and steady["repeats"] == 1
+        assert all(0 <= accuracy <= 100 for accuracy in arm["test_accuracy"])
+        if arm["framework"] == "jax":
+            # The first epoch compiles the steps (or finds them compiled by an earlier arm); later ones do not.
+            assert 0 <= arm["first_epoch_compile_s"] <= arm["first_epoch_s"]
+            assert arm["steady_compile_s"]["max"] < 0.1
+    assert arms["ce"]["first_epoch_compile_s"] > 0  # the first arm compiles its training and evaluation steps
+
+    def quotient(numerator, denominator):
+        return arms[numerator]["steady_epoch_s"]["median"] / arms[denominator]["steady_epoch_s"]["median"]
+
+    expected = {"oat_over_ce_epoch": quotient("oat", "ce"),
+                "oat_over_ce_eval": evals["eval_s"]["oat"]["median"] / evals["eval_s"]["ce"]["median"],
+                "class_anchors_over_batch_anchor_eval":
+                    evals["eval_s"]["oat_class_anchors"]["median"] / evals["eval_s"]["oat"]["median"]}
+    for objective in ("ce", "oat"):
+        arm = arms[objective]
+        expected[f"first_over_steady_{objective}"] = ((arm["first_epoch_s"] - arm["first_epoch_compile_s"])
+                                                      / arm["steady_epoch_s"]["median"])
+        expected[f"jax_over_torch_epoch_{objective}"] = quotient(objective, f"torch_{objective}")
+        expected[f"fused_over_stepwise_epoch_{objective}"] = quotient(f"{objective}_fused", objective)
+    assert ratios == pytest.approx(expected) and set(ratios) == set(expected)
+    for name, spread in figures["paired_ratios"].items():
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    assert set(evals["eval_s"]) == {"ce", "oat", "oat_class_anchors"}
+    for stats in [*evals["eval_s"].values(), evals["class_anchor_precompute_s"]]:
+        assert 0 < stats["min"] <= stats["median"] <= stats["max"] and stats["repeats"] == 1
+    assert set(evals["test_accuracy"]) == {"ce", "oat", "oat_class_anchors"}
+    assert all(0 <= accuracy <= 100 for accuracy in evals["test_accuracy"].values())
+    assert evals["test_accuracy"]["oat"] == pytest.approx(arms["oat"]["final_test_accuracy"])
 
 
 def test_dry_run_records_environment_and_commands(dry_run):
