@@ -15,6 +15,7 @@ from oat_jax.data import fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PARTS = [part.name for part in gpu_check.plan(True, "")]
+pytestmark = pytest.mark.xdist_group("gpu_check_dry_run")  # one dry run (2 minutes) for the module
 
 
 def _fashion_mnist_found() -> bool:
