@@ -24,6 +24,13 @@ import pytest  # noqa: E402
 from oat_jax import data, models  # noqa: E402
 
 
+def cpu_devices_environment(devices: int, **extra: str) -> dict:
+    """The environment for a subprocess that sees ``devices`` CPU devices; it keeps this session's XLA flags
+    (the cheap compilation above) and adds the device count to them."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", **extra)
+
+
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the controlling process, once every worker is done
         shutil.rmtree(_CACHE, ignore_errors=True)

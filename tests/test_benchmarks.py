@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import cpu_devices_environment
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -36,8 +38,7 @@ def test_readme_performance_section_matches_the_result_files():
 
 
 def test_scaling_times_each_arm_on_each_device_count(tmp_path):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = cpu_devices_environment(2)
     printed = json.loads(_run("benchmarks.scaling", "--steps", "2", "--repeats", "2", "--image-shape", "16,16,1",
                               "--per-device-batch", "4", env=env).stdout)
     assert printed["setup"]["devices"] == [1, 2] and printed["environment"]["device_count"] == 2

@@ -12,16 +12,12 @@ import sys
 
 import pytest
 
+from conftest import cpu_devices_environment
 from oat_jax import dispatch
 from oat_jax.data import fashion_mnist
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def _environment(devices):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
 @pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEFAULT_DIR) and not os.environ.get("OAT_DATA_DIR"),
@@ -33,7 +29,7 @@ def test_hundreds_of_steps_on_four_devices_finish_and_learn(tmp_path):
         [sys.executable, "-m", "oat_jax.main", "--config", str(ROOT / "configs/fashion_mnist_lightweight.py"),
          "--workdir", str(workdir), "--config.train_limit=4000", "--config.test_limit=500",
          "--config.num_epochs=3", "--config.pretrain_epochs=1", "--config.progress=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_environment(4))
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=cpu_devices_environment(4))
     assert result.returncode == 0, result.stderr[-3000:]
     arms = json.loads((workdir / "summary.json").read_text())["arms"]
     for arm in ("ce", "oat"):
@@ -42,7 +38,7 @@ def test_hundreds_of_steps_on_four_devices_finish_and_learn(tmp_path):
 
 def _sharded_run(workdir, overrides, *extra):
     return subprocess.run([sys.executable, str(TESTS / "sharded_run.py"), str(workdir), json.dumps(overrides),
-                           *extra], capture_output=True, text=True, timeout=600, env=_environment(2))
+                           *extra], capture_output=True, text=True, timeout=600, env=cpu_devices_environment(2))
 
 
 def test_a_stalled_device_ends_the_run_in_one_line_and_the_rerun_resumes(tmp_path):

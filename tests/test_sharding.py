@@ -6,7 +6,6 @@ unsplittable test batches; the fused epoch too. The per-device anchor option; an
 devices or processes, restored onto one device."""
 import functools
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 import sharded_run
+from conftest import cpu_devices_environment
 from oat_jax import sharding
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.experiment import Experiment
@@ -28,11 +28,6 @@ def _command(workdir, overrides, *extra):
     return [sys.executable, str(TESTS / "sharded_run.py"), str(workdir), json.dumps(overrides), *map(str, extra)]
 
 
-def _environment(devices, **extra):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
-
-
 def _result(returncode, stdout, stderr):
     assert returncode == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1])
@@ -40,7 +35,7 @@ def _result(returncode, stdout, stderr):
 
 def _run(workdir, devices, **overrides):
     result = subprocess.run(_command(workdir, overrides), capture_output=True, text=True, timeout=600,
-                            env=_environment(devices))
+                            env=cpu_devices_environment(devices))
     return _result(result.returncode, result.stdout, result.stderr)
 
 
@@ -56,7 +51,7 @@ def _run_two_processes(workdir, devices_each, extra=((), ()), **overrides):
     port = _free_port()
     processes = []
     for rank in range(2):
-        env = _environment(devices_each, OAT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OAT_NUM_PROCESSES="2",
+        env = cpu_devices_environment(devices_each, OAT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OAT_NUM_PROCESSES="2",
                            OAT_PROCESS_ID=str(rank))
         processes.append(subprocess.Popen(_command(workdir, overrides, *extra[rank]), stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True, env=env))
