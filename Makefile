@@ -63,4 +63,4 @@ study: install
 	    rm -rf $$workdir/checkpoints $$workdir/tensorboard $$workdir/.lock; \
 	  done; \
 	done
-	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md
+	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md --figure $(STUDY)/comparisons.png

@@ -1,5 +1,6 @@
 """``python -m oat_jax.report plots <workdir>``: PNG figures of one run, from its metrics.jsonl and, for the
-test-batch-size sweep, its checkpoints.
+test-batch-size sweep, its checkpoints. Also the report's figure of arms compared paired by seed
+(``python -m oat_jax.report ... --figure``).
 
 Figures drawn from the telemetry that older runs do not log (the epoch-mean anchor, the prediction shares)
 are skipped with a note for such runs. Several seeds are drawn as their mean with a min-max band. The
@@ -418,6 +419,44 @@ def write_plots(workdir: str, out_dir: str | None = None, sizes=DEFAULT_SIZES, e
 
     written.append(_draw("eval_batch_size.png", batch_sizes, out_dir))
     return [path for path in written if path]
+
+
+def comparison_figure(groups: list[tuple[str, list]]) -> Figure:
+    """A panel per report row: each paired comparison (``report.paired_results``: arm, reference, statistics,
+    per-seed differences) as its seeds' differences (dots), their mean and its 95 % t interval (bar), against
+    no difference (zero)."""
+    heights = [len(results) for _, results in groups]
+    fig = Figure(layout="constrained", figsize=(8, 1.2 + 0.45 * sum(heights) + 0.6 * len(groups)))
+    axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (title, results) in zip(axes, groups):
+        for row, (arm, reference, stats, differences) in enumerate(results):
+            y = len(results) - 1 - row  # the first comparison on top
+            colour = COLOURS.get(arm, "0.4")
+            ax.scatter(differences, [y] * len(differences), s=18, color=colour, alpha=0.45, zorder=2)
+            low, high = stats["ci95"] or (stats["mean_difference"],) * 2
+            ax.errorbar(stats["mean_difference"], y, xerr=[[stats["mean_difference"] - low],
+                                                           [high - stats["mean_difference"]]],
+                        fmt="D", color=colour, markeredgecolor="black", capsize=4, zorder=3)
+            p_value = "" if stats["p_value"] is None else f", p {stats['p_value']:.2g}"
+            ax.annotate(f"{stats['mean_difference']:+.2f}{p_value}, wins {stats['wins']} of {stats['seeds']}",
+                        (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=9)
+        ax.axvline(0, color="0.3", linewidth=1)
+        ax.set_yticks(range(len(results)), [f"{arm} − {reference}" for arm, reference, *_ in reversed(results)])
+        ax.set_ylim(-0.6, len(results) - 0.4)
+        ax.set_title(title)
+    axes[-1].set_xlabel("difference in final test accuracy (percentage points), paired by seed:\n"
+                        "dots: seeds; diamond and bar: mean and 95 % t interval")
+    return fig
+
+
+def write_comparison_figure(groups: list[tuple[str, list]], path: str) -> bool:
+    """Writes ``comparison_figure`` to ``path``; with nothing to compare, a note and no file."""
+    if not groups:
+        _note(f"{path} not written: no row has two arms that share a seed")
+        return False
+    with matplotlib.rc_context(_STYLE):
+        _save(comparison_figure(groups), path)
+    return True
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ the final test accuracy over the row's seeds. A run that fits no row of its cell
 noting how it differs. A run that is not the paper's protocol in full (a sample limit, stand-in data, fewer
 or unfinished epochs) is flagged in the notes column, so that it is not read as a result; an arm of another
 objective than cross-entropy and OAT is listed there too. A folder without a readable summary.json and
-config.json is skipped with a note.
+config.json is skipped with a note. ``--figure`` draws the paired comparisons, seed by seed.
 """
 from __future__ import annotations
 
@@ -234,12 +234,33 @@ def _decodings(cells: list[Cell]) -> list[str]:
 _CONTROLS = ("oat_uniform", "square", "ce_smooth")
 
 
+def _against_ce(arms) -> list[tuple[str, str]]:
+    return [(arm, "ce") for arm in arms if "ce" in arms and arm != "ce"]
+
+
+def _against_controls(arms) -> list[tuple[str, str]]:
+    return [("oat", control) for control in _CONTROLS if "oat" in arms and control in arms]
+
+
+def paired_results(cell: Cell) -> list[tuple[str, str, dict, list[float]]]:
+    """A row's comparisons, each arm against cross-entropy and then OAT against each of its controls:
+    (arm, reference, ``paired_comparison``, the per-seed differences) for the pairs that share seeds."""
+    results = []
+    for arm, reference in _against_ce(cell.accuracies) + _against_controls(cell.accuracies):
+        ours, theirs = cell.accuracies[arm], cell.accuracies[reference]
+        comparison = paired_comparison(ours, theirs)
+        if comparison is not None:
+            shared = sorted(set(ours) & set(theirs), key=str)
+            results.append((arm, reference, comparison, [ours[seed] - theirs[seed] for seed in shared]))
+    return results
+
+
 def _comparisons(cells: list[Cell]) -> list[str]:
     """Each arm against cross-entropy, and OAT against each of its controls, paired by seed
     (``oat_jax.paired``), for the rows that have both arms."""
-    against_ce = _paired_rows(cells, lambda arms: [(arm, "ce", arm) for arm in arms if "ce" in arms and arm != "ce"])
-    against_controls = _paired_rows(cells, lambda arms: [("oat", control, control) for control in _CONTROLS
-                                                          if "oat" in arms and control in arms])
+    against_ce = _paired_rows(cells, lambda arm, reference: reference == "ce", label=lambda arm, reference: arm)
+    against_controls = _paired_rows(cells, lambda arm, reference: reference != "ce",
+                                    label=lambda arm, reference: reference)
     lines = []
     if against_ce:
         lines += ["", "Against cross-entropy, paired by seed (final accuracy, percentage points; a 95 % t interval "
@@ -253,19 +274,18 @@ def _comparisons(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def _paired_rows(cells: list[Cell], pairs) -> list[str]:
-    """A table row per (arm, reference, label) that ``pairs`` picks from a row's arms, where they share seeds."""
+def _paired_rows(cells: list[Cell], keep, label) -> list[str]:
+    """A table row per comparison of ``paired_results`` that ``keep`` picks, named by ``label``."""
     rows = []
     for cell in cells:
-        for arm, reference, label in pairs(cell.accuracies):
-            comparison = paired_comparison(cell.accuracies[arm], cell.accuracies[reference])
-            if comparison is None:
+        for arm, reference, comparison, _ in paired_results(cell):
+            if not keep(arm, reference):
                 continue
             interval = ("–" if comparison["ci95"] is None else
                         f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
             p_value = "–" if comparison["p_value"] is None else f"{comparison['p_value']:.3g}"
-            rows.append(f"| {cell.setting} | {label} | {comparison['mean_difference']:+.3f} | {interval} | {p_value} | "
-                        f"{comparison['wins']} of {comparison['seeds']} |")
+            rows.append(f"| {cell.setting} | {label(arm, reference)} | {comparison['mean_difference']:+.3f} | "
+                        f"{interval} | {p_value} | {comparison['wins']} of {comparison['seeds']} |")
     return rows
 
 
@@ -280,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "figures.")
     parser.add_argument("workdirs", nargs="+", help="workdirs of python -m oat_jax.main runs")
     parser.add_argument("--out", help="also write the Markdown to this file")
+    parser.add_argument("--figure", metavar="PNG",
+                        help="also draw the paired comparisons (each seed's difference, the mean and its 95 %% "
+                             "interval) to this PNG file")
     args = parser.parse_args(argv)
     runs, skipped = load_runs(args.workdirs)
     if not runs:  # one line, whatever the number of folders
@@ -287,11 +310,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in skipped:  # runs/* may hold an unfinished run: report the others
         print(f"note: skipping {line}", file=sys.stderr)
-    text = format_markdown(collect(runs))
+    cells = collect(runs)
+    text = format_markdown(cells)
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.figure:
+        from oat_jax import plots  # matplotlib: only imported for figures
+        compared = [(cell.setting if cell.table == _OTHER else f"{cell.table}, {cell.setting}", paired_results(cell))
+                    for cell in cells]
+        if plots.write_comparison_figure([(title, results) for title, results in compared if results], args.figure):
+            print(f"figure: {args.figure}", file=sys.stderr)
     return 0
 
 

@@ -239,15 +239,20 @@ def test_the_final_epochs_four_decodings_are_tabled_over_seeds(tmp_path, capsys)
     assert rows[0].startswith("| fashion_mnist, lightweight | oat | +11.000 | [+11.000, +11.000] | 0 | 2 of 2 |")
 
 
-def test_oat_is_paired_with_each_of_its_controls_by_seed(tmp_path, capsys):
-    oat = [72.0, 73.0, 75.0]
-    run = _fake_run(tmp_path / "run", None, None, [70.0, 74.0, 72.0], oat, config=_config())
+def _run_with_controls(path):
+    """A run of OAT (72, 73, 75 on seeds 0-2) and cross-entropy (70, 74, 72) with two controls: oat_uniform
+    1, 2 and 3 points below OAT on seeds 0, 1, 2; square on seeds 0 and 2 only."""
+    run = _fake_run(path, None, None, [70.0, 74.0, 72.0], [72.0, 73.0, 75.0], config=_config())
     summary = json.loads((run / "summary.json").read_text())
-    # oat_uniform 1, 2 and 3 points below OAT on seeds 0, 1, 2; square on seeds 0 and 2 only.
     for arm, per_seed in {"oat_uniform": {"0": 71.0, "1": 71.0, "2": 72.0}, "square": {"0": 73.0, "2": 75.0}}.items():
         summary["arms"][arm] = {"final_epoch": 100, "seeds": {seed: {"final_test_accuracy": value, "final_epoch": 100}
                                                              for seed, value in per_seed.items()}}
     (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_oat_is_paired_with_each_of_its_controls_by_seed(tmp_path, capsys):
+    run = _run_with_controls(tmp_path / "run")
     assert report.main([str(run)]) == 0
     out = capsys.readouterr().out
     controls = out[out.index("OAT against its controls"):].split("\n\n")[1]
@@ -261,3 +266,29 @@ def test_oat_is_paired_with_each_of_its_controls_by_seed(tmp_path, capsys):
     # square only on seeds 0 and 2: 72 - 73 and 75 - 75.
     assert rows[1][:3] == ["fashion_mnist, lightweight", "square", "-0.500"] and rows[1][5] == "0 of 2"
     assert len(rows) == 2  # no ce_smooth arm, no row
+
+
+def test_the_comparison_figure_draws_each_seed_and_the_interval(tmp_path, capsys):
+    run = _run_with_controls(tmp_path / "run")
+    figure = tmp_path / "comparisons.png"
+    assert report.main([str(run), "--figure", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from oat_jax import plots
+    cell, = report.collect(report.load_runs([str(run)])[0])
+    ax, = plots.comparison_figure([("row", report.paired_results(cell))]).axes
+    labels = [tick.get_text() for tick in ax.get_yticklabels()]
+    # Top to bottom: each arm against cross-entropy, then OAT against its controls (the tables' order).
+    assert labels[::-1] == ["oat − ce", "oat_uniform − ce", "square − ce", "oat − oat_uniform", "oat − square"]
+    row = labels.index("oat − oat_uniform")
+    dots = next(c for c in ax.collections if c.get_offsets()[0][1] == row).get_offsets()
+    assert sorted(dots[:, 0]) == [1.0, 2.0, 3.0]  # the seeds' differences, by hand
+    bar = next(c for c in ax.containers if c.lines[0].get_ydata()[0] == row)
+    (low, _), (high, _) = bar.lines[2][0].get_segments()[0]
+    assert low == pytest.approx(2 - 2.484, abs=2e-3) and high == pytest.approx(2 + 2.484, abs=2e-3)
+    # Nothing to compare (cross-entropy alone): a note, no file.
+    alone = _fake_run(tmp_path / "alone", None, None, [70.0], [71.0], config=_config(arms="ce"))
+    summary = json.loads((alone / "summary.json").read_text())
+    del summary["arms"]["oat"]
+    (alone / "summary.json").write_text(json.dumps(summary))
+    assert report.main([str(alone), "--figure", str(tmp_path / "none.png")]) == 0
+    assert not (tmp_path / "none.png").exists() and "no row has two arms that share a seed" in capsys.readouterr().err
