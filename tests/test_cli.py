@@ -250,5 +250,5 @@ def test_help_lists_every_field_with_its_default_and_meaning():
     for name in base_config().keys():
         assert f"--config.{name}=" in result.stdout, name
     assert "--config.learning_rate=0.001\n      optax SGD with momentum" in result.stdout
-    assert "--config.init='torch'\n      \"torch\" = PyTorch's default for conv and dense layers, as the paper's code " \
-           "had" in result.stdout  # a comment continued on the schema's next line is joined
+    assert "--config.init='torch'\n      \"torch\" = PyTorch's default for conv and dense layers, as the paper's " \
+           "code had" in result.stdout  # a comment continued on the schema's next line is joined
