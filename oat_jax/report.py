@@ -234,20 +234,15 @@ def _decodings(cells: list[Cell]) -> list[str]:
 _CONTROLS = ("oat_uniform", "square", "ce_smooth")
 
 
-def _against_ce(arms) -> list[tuple[str, str]]:
-    return [(arm, "ce") for arm in arms if "ce" in arms and arm != "ce"]
-
-
-def _against_controls(arms) -> list[tuple[str, str]]:
-    return [("oat", control) for control in _CONTROLS if "oat" in arms and control in arms]
-
-
 def paired_results(cell: Cell) -> list[tuple[str, str, dict, list[float]]]:
     """A row's comparisons, each arm against cross-entropy and then OAT against each of its controls:
     (arm, reference, ``paired_comparison``, the per-seed differences) for the pairs that share seeds."""
+    arms = cell.accuracies
+    pairs = ([(arm, "ce") for arm in arms if "ce" in arms and arm != "ce"]
+             + [("oat", control) for control in _CONTROLS if "oat" in arms and control in arms])
     results = []
-    for arm, reference in _against_ce(cell.accuracies) + _against_controls(cell.accuracies):
-        ours, theirs = cell.accuracies[arm], cell.accuracies[reference]
+    for arm, reference in pairs:
+        ours, theirs = arms[arm], arms[reference]
         comparison = paired_comparison(ours, theirs)
         if comparison is not None:
             shared = sorted(set(ours) & set(theirs), key=str)
@@ -257,10 +252,17 @@ def paired_results(cell: Cell) -> list[tuple[str, str, dict, list[float]]]:
 
 def _comparisons(cells: list[Cell]) -> list[str]:
     """Each arm against cross-entropy, and OAT against each of its controls, paired by seed
-    (``oat_jax.paired``), for the rows that have both arms."""
-    against_ce = _paired_rows(cells, lambda arm, reference: reference == "ce", label=lambda arm, reference: arm)
-    against_controls = _paired_rows(cells, lambda arm, reference: reference != "ce",
-                                    label=lambda arm, reference: reference)
+    (``oat_jax.paired``), for the rows that have both arms: a table row each, named by the arm against
+    cross-entropy and by the control against OAT."""
+    against_ce, against_controls = [], []
+    for cell in cells:
+        for arm, reference, comparison, _ in paired_results(cell):
+            interval = ("–" if comparison["ci95"] is None else
+                        f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
+            p_value = "–" if comparison["p_value"] is None else f"{comparison['p_value']:.3g}"
+            table, label = (against_ce, arm) if reference == "ce" else (against_controls, reference)
+            table.append(f"| {cell.setting} | {label} | {comparison['mean_difference']:+.3f} | {interval} | "
+                         f"{p_value} | {comparison['wins']} of {comparison['seeds']} |")
     lines = []
     if against_ce:
         lines += ["", "Against cross-entropy, paired by seed (final accuracy, percentage points; a 95 % t interval "
@@ -272,21 +274,6 @@ def _comparisons(cells: list[Cell]) -> list[str]:
                   "| setting | control | OAT − control | 95 % interval | p | OAT wins |",
                   "| --- | --- | ---: | ---: | ---: | ---: |", *against_controls]
     return lines
-
-
-def _paired_rows(cells: list[Cell], keep, label) -> list[str]:
-    """A table row per comparison of ``paired_results`` that ``keep`` picks, named by ``label``."""
-    rows = []
-    for cell in cells:
-        for arm, reference, comparison, _ in paired_results(cell):
-            if not keep(arm, reference):
-                continue
-            interval = ("–" if comparison["ci95"] is None else
-                        f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
-            p_value = "–" if comparison["p_value"] is None else f"{comparison['p_value']:.3g}"
-            rows.append(f"| {cell.setting} | {label(arm, reference)} | {comparison['mean_difference']:+.3f} | "
-                        f"{interval} | {p_value} | {comparison['wins']} of {comparison['seeds']} |")
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(text)
     if args.figure:
         from oat_jax import plots  # matplotlib: only imported for figures
-        compared = [(cell.setting if cell.table == _OTHER else f"{cell.table}, {cell.setting}", paired_results(cell))
-                    for cell in cells]
-        if plots.write_comparison_figure([(title, results) for title, results in compared if results], args.figure):
+        groups = [(cell.setting if cell.table == _OTHER else f"{cell.table}, {cell.setting}", results)
+                  for cell in cells if (results := paired_results(cell))]
+        if plots.write_comparison_figure(groups, args.figure):
             print(f"figure: {args.figure}", file=sys.stderr)
     return 0
 
