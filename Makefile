@@ -17,7 +17,7 @@ endif
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test install python-version study
+.PHONY: run test install python-version study tuned-study
 
 run: install
 	$(PYTHON) -m oat_jax.main --config configs/default.py --workdir runs/default
@@ -64,3 +64,14 @@ study: install
 	  done; \
 	done
 	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md --figure $(STUDY)/comparisons.png
+
+# The tuned study (README, "With every arm tuned"; issue of fair comparisons): stage 1 tunes each arm's learning
+# rate on validation (seed 100), stage 2 trains each arm at its choice on ten fresh seeds. Each run is a workdir
+# under results/ (committed as it finishes, its checkpoints pruned); a rerun resumes where the last one stopped.
+TUNED := results/fashion_mnist_tuned
+TUNED_GRID ?= learning_rate=0.0003,0.001,0.003,0.01,0.03
+
+tuned-study: install
+	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_tuned.py --grid $(TUNED_GRID) --seeds 100 \
+	  --out $(TUNED)/stage1 --parallel 1 --prune
+	$(PYTHON) -m oat_jax.sweep confirm $(TUNED)/stage1 --seeds 200-209 --parallel 1 --prune

@@ -5,6 +5,8 @@ in a field name is caught here instead of being silently ignored.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -50,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_seeds = 1             # replicas trained side by side in one program, seeds seed..seed+K-1
     config.train_limit = 0           # use only the first N training samples (0 = all)
     config.test_limit = 0            # use only the first N test samples (0 = all)
+    config.validation_size = 0.0     # training samples held out for validation, stratified by class: a count,
+                                     # or a fraction below 1 (0 = none, the paper's protocol)
+    config.validation_seed = 0       # which samples are held out; apart from seed, so every seed holds out the same
     config.fused_epoch = config_dict.placeholder(bool)  # one compiled loop per epoch, data on the device;
                                      # None = on accelerators, off on XLA:CPU (slower there: oat_jax.experiment)
     config.anchor_scope = "global"   # on several devices: "global" = the anchor of the whole batch, as on one
@@ -179,6 +184,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                                f"{config.stall_timeout_seconds}")
     require(config.train_limit >= 0, f"train_limit must be non-negative (0 = all), got {config.train_limit}")
     require(config.test_limit >= 0, f"test_limit must be non-negative (0 = all), got {config.test_limit}")
+    size = config.validation_size
+    require(math.isfinite(size) and size >= 0 and (size < 1 or size == int(size)),
+            f"validation_size must be 0 (none), a fraction below 1 or a whole count, got {size}")
+    require(config.validation_seed >= 0, f"validation_seed must be non-negative, got {config.validation_seed}")
 
 
 def arms_of(config) -> list[str]:

@@ -77,6 +77,7 @@ class Experiment:
         if dataset is None:
             dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
                                         image_size=config.image_size)
+        dataset = data.hold_out_validation(dataset, config.validation_size, config.validation_seed)
         check_inputs(config, dataset)
         model = state_lib.cached_model(config.model, dataset.num_classes, config.dropout_rate)
         mean, std = normalisation_statistics(config, dataset)
@@ -91,7 +92,8 @@ class Experiment:
                    functools.partial(steps.train_step_replicas, mean=mean, std=std, settings=settings),
                    functools.partial(steps.train_steps_on_device, mean=mean, std=std, settings=settings,
                                      batch_size=config.batch_size, batch_sharding=sharding.batch_sharding(mesh)),
-                   functools.partial(steps.eval_step_replicas, mean=mean, std=std, variant=config.variant))
+                   functools.partial(steps.eval_step_replicas, mean=mean, std=std, variant=config.variant,
+                                     settings=settings))
 
     @property
     def num_classes(self) -> int:
@@ -120,10 +122,22 @@ class Experiment:
 
     def test_batches(self, batch_size: int) -> Iterator[tuple]:
         """The test set in batches (K, B, ...) of ``batch_size``, each replica in its own fixed order."""
-        orders = [input_pipeline.eval_order(len(self.dataset.test_labels), seed, self.config.shuffle_eval)
-                  for seed in self.seeds]
-        per_replica = [input_pipeline.batches(self.dataset.test_images, self.dataset.test_labels, order, batch_size)
-                       for order in orders]
+        return self._held_out_batches(self.dataset.test_images, self.dataset.test_labels, batch_size,
+                                      self.config.shuffle_eval, input_pipeline.TEST_STREAM)
+
+    def validation_batches(self, batch_size: int) -> Iterator[tuple]:
+        """The validation split in batches (K, B, ...), always shuffled (a class-sorted batch would hand OAT's
+        batch anchor the label), each replica in its own fixed order."""
+        return self._held_out_batches(self.dataset.validation_images, self.dataset.validation_labels, batch_size,
+                                      True, input_pipeline.VALIDATION_STREAM)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.dataset.validation_labels is not None
+
+    def _held_out_batches(self, images, labels, batch_size, shuffle, stream) -> Iterator[tuple]:
+        orders = [input_pipeline.eval_order(len(labels), seed, shuffle, stream) for seed in self.seeds]
+        per_replica = [input_pipeline.batches(images, labels, order, batch_size) for order in orders]
         for parts in zip(*per_replica):
             yield tuple(np.stack(arrays) for arrays in zip(*parts))
 

@@ -16,11 +16,16 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-def eval_order(num_samples: int, seed: int, shuffle: bool) -> np.ndarray:
-    """A fixed order of the test set: which samples share a batch decides OAT's test anchors."""
+# The random streams of the held-out sets' orders, apart from the training epochs' (which count from 1).
+TEST_STREAM = 2**31 - 1
+VALIDATION_STREAM = 2**31 - 2
+
+
+def eval_order(num_samples: int, seed: int, shuffle: bool, stream: int = TEST_STREAM) -> np.ndarray:
+    """A fixed order of a held-out set: which samples share a batch decides OAT's batch anchors."""
     if not shuffle:
         return np.arange(num_samples)
-    return np.random.default_rng([seed, 2**31 - 1]).permutation(num_samples)
+    return np.random.default_rng([seed, stream]).permutation(num_samples)
 
 
 def num_batches(num_samples: int, batch_size: int) -> int:

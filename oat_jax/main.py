@@ -28,6 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from oat_jax import data, distributed  # noqa: E402
+from oat_jax import workdir as workdir_lib  # noqa: E402
 from oat_jax.checkpoints import CheckpointMismatch  # noqa: E402
 from oat_jax.disk_full import WorkdirFull  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
@@ -104,30 +105,41 @@ def _parse_flags(argv):
 
 
 def format_summary(summary: dict) -> str:
-    """The arms side by side with the paper's figure, as a small text table."""
+    """The arms side by side with the paper's figure, as a small text table: the final epoch's test accuracy,
+    the validation-selected epoch's (with a validation split), and the oracle's best epoch, picked by the test
+    accuracy itself and so never a result."""
     paper = summary.get("paper")
+    arms = {arm: workdir_lib.oracle_named(result) for arm, result in summary["arms"].items()}
+    selected = any("test_accuracy_at_selected_epoch" in result for result in arms.values())
+    columns = [("final", "final_test_accuracy", None)] + (
+        [("selected (epoch)", "test_accuracy_at_selected_epoch", "selected_epoch")] if selected else []) + [
+        ("oracle best (epoch)", "oracle_best_test_accuracy", "oracle_best_epoch")]
     lines = [f"test accuracy (%) on {summary['dataset']['name']} "
-             f"({summary['dataset']['train_samples']} train / {summary['dataset']['test_samples']} test samples)",
-             f"{'arm':<15}{'final':>8}{'best (epoch)':>16}" + (f"{'paper':>10}" if paper else "")]
-    for arm, result in summary["arms"].items():
+             f"({summary['dataset']['train_samples']} train / {summary['dataset']['test_samples']} test samples"
+             + (f", {summary['dataset']['validation_samples']} held out for validation"
+                if "validation_samples" in summary["dataset"] else "") + ")",
+             f"{'arm':<15}" + "".join(f"{title:>24}" for title, _, _ in columns) + (f"{'paper':>10}" if paper else "")]
+    for arm, result in arms.items():
         seeds = len(result["seeds"])
         diverged = "".join(f"  diverged: seed {seed} at epoch {where['epoch']}, step {where['step']}"
                            for seed, where in result.get("diverged", {}).items())
-        if seeds == 0:  # diverged before its first epoch ended
-            lines.append(f"{_ARM_NAMES.get(arm, arm):<15}{'-':>8}{'-':>16}" + diverged)
-            continue
-        if seeds == 1:
-            line = (f"{_ARM_NAMES.get(arm, arm):<15}{result['final_test_accuracy']:>8.2f}"
-                    f"{result['best_test_accuracy']:>9.2f} ({result['best_epoch']:>3})")
-        else:  # mean ± standard deviation over the seeds
-            line = (f"{_ARM_NAMES.get(arm, arm):<15}{result['final_test_accuracy']:>8.2f} ± "
-                    f"{result['final_test_accuracy_std']:.2f}{result['best_test_accuracy']:>9.2f} ± "
-                    f"{result['best_test_accuracy_std']:.2f} ({seeds} seeds)")
+        cells = []
+        for _, key, epoch in columns:
+            if key not in result:
+                cells.append("-")
+            elif seeds == 1:
+                cells.append(f"{result[key]:.2f}" + (f" ({result[epoch]:>3})" if epoch else ""))
+            else:  # mean ± standard deviation over the seeds
+                cells.append(f"{result[key]:.2f} ± {result[key + '_std']:.2f}")
+        line = f"{_ARM_NAMES.get(arm, arm):<15}" + "".join(f"{cell:>24}" for cell in cells)
+        if seeds > 1:
+            line += f" ({seeds} seeds)"
         if paper and arm in paper:
             line += f"{paper[arm]:>10.3f}"
         lines.append(line + diverged)
     if paper:
         lines.append(f"paper: {paper['table']}, {paper['setting']}")
+    lines.append("oracle: the epoch of highest test accuracy, chosen by looking at the test set; not a result")
     return "\n".join(lines)
 
 

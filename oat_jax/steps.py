@@ -176,7 +176,7 @@ def train_steps_on_device(states, metrics, images, labels, orders, first_step, n
     return jax.lax.scan(body, (states, metrics), first_step + jnp.arange(num_steps))[0]
 
 
-def _correct(state, images, labels, mask, train_anchor, mean, std, variant, decodes):
+def _correct(state, images, labels, mask, train_anchor, mean, std, variant, decodes, objective, settings):
     outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
 
     def with_anchor(anchor):  # eq. 4; anchor (C,) or one per row (B, C)
@@ -192,6 +192,9 @@ def _correct(state, images, labels, mask, train_anchor, mean, std, variant, deco
         predicted = predictions[name]()
         counts[name] = jnp.sum(mask & (predicted == labels))
         counts[f"{name}_per_class"] = jnp.sum(jax.nn.one_hot(predicted, outputs.shape[-1]) * mask[:, None], axis=0)
+    if objective is not None:  # the objective's loss summed over the real rows (OAT's with this batch's anchor)
+        losses = objectives.get(objective).loss(outputs, labels, mask, settings)
+        counts["loss_sum"] = jnp.sum(jnp.where(mask, losses, 0.0))
     return counts
 
 
@@ -199,14 +202,17 @@ def _correct(state, images, labels, mask, train_anchor, mean, std, variant, deco
 DECODES = ("argmax", "anchor", "single", "train_anchor")
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "decodes"))
+@functools.partial(jax.jit, static_argnames=("variant", "decodes", "objective", "settings"))
 def eval_step_replicas(states, images, labels, masks, train_anchors, mean, std, *, variant: str = "released",
-                       decodes: tuple[str, ...] = ("argmax", "anchor")):
+                       decodes: tuple[str, ...] = ("argmax", "anchor"), objective: str | None = None,
+                       settings: LossSettings = LossSettings()):
     """Correct predictions among the real rows of each replica's test batch (K replicas, leading axis K),
     for each decoding in ``decodes`` (of ``DECODES``): "argmax" of the outputs (the uniform anchor's
     decoding); "anchor" = argmax of a * (z + 1) with the test batch's own anchor a (OAT's, eq. 4); "single"
     with each sample's own anchor, as in a batch of one; "train_anchor" with ``train_anchors`` (K, C), the
     replica's mean training anchor. The anchors are of ``variant``. Counts of shape (K,), and under
-    "<decode>_per_class" the number of predictions of each class (K, C)."""
-    correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes)
+    "<decode>_per_class" the number of predictions of each class (K, C). With ``objective``, also its loss
+    summed over the real rows, "loss_sum" (K,)."""
+    correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes,
+                                objective=objective, settings=settings)
     return _over_replicas(correct)(states, images, labels, masks, train_anchors)

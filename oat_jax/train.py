@@ -132,6 +132,22 @@ def divergence(exp: Experiment, metrics, arm: str, epoch: int, objective: str) -
             f"{np.round(metrics['bad_anchor'][k, :4], 6).tolist()}...); {_divergence_hint(objective, exp.config)}")
 
 
+def _held_out_counts(exp: Experiment, states, batches, train_anchors, what: str, **options) -> dict:
+    """``exp.eval_step``'s counts over every batch of ``batches`` (a held-out set), summed, on the host."""
+    in_flight, counts = dispatch.InFlight(exp.config.steps_in_flight), []
+    train_anchors = sharding.place_states(np.asarray(train_anchors, np.float32), exp.mesh)
+    for number, batch in enumerate(batches, 1):
+        counts.append(exp.eval_step(states, *exp.place(batch), train_anchors, **options))
+        in_flight.add(counts[-1], lambda number=number: f"evaluation ({what} batch {number})")
+    in_flight.drain()
+    counts = sharding.to_host(counts)
+    return {key: np.sum([batch[key] for batch in counts], axis=0) for key in counts[0]}
+
+
+def _uniform_anchors(exp: Experiment) -> np.ndarray:
+    return np.full((len(exp.seeds), exp.num_classes), 1.0 / exp.num_classes, np.float32)
+
+
 def evaluate_in_detail(exp: Experiment, states, decodes: tuple[str, ...] = ("argmax", "anchor"),
                        batch_size: int | None = None, variant: str | None = None, train_anchors=None):
     """Per decoding (of ``steps.DECODES``: "argmax", "anchor" (OAT's, with the test batch's anchor of
@@ -139,22 +155,24 @@ def evaluate_in_detail(exp: Experiment, states, decodes: tuple[str, ...] = ("arg
     replica's test accuracy (%) over every test sample, in batches of ``batch_size`` (default
     ``eval_batch_size``), and its share of predictions per class:
     ({decode: [accuracy of replica k]}, {decode: (K, C) array of fractions})."""
-    in_flight, counts = dispatch.InFlight(exp.config.steps_in_flight), []
-    if train_anchors is None:  # unused unless "train_anchor" is asked for
-        train_anchors = np.full((len(exp.seeds), exp.num_classes), 1.0 / exp.num_classes, np.float32)
-    train_anchors = sharding.place_states(np.asarray(train_anchors, np.float32), exp.mesh)
-    for number, batch in enumerate(exp.test_batches(batch_size or exp.config.eval_batch_size), 1):
-        counts.append(exp.eval_step(states, *exp.place(batch), train_anchors, decodes=decodes,
-                                    variant=variant or exp.config.variant))
-        in_flight.add(counts[-1], lambda number=number: f"evaluation (test batch {number})")
-    in_flight.drain()
-    counts = sharding.to_host(counts)
+    totals = _held_out_counts(exp, states, exp.test_batches(batch_size or exp.config.eval_batch_size),
+                              _uniform_anchors(exp) if train_anchors is None else train_anchors, "test",
+                              decodes=decodes, variant=variant or exp.config.variant)
     total = len(exp.dataset.test_labels)
-    accuracies, shares = {}, {}
-    for name in decodes:
-        accuracies[name] = [100.0 * int(c) / total for c in np.sum([batch[name] for batch in counts], axis=0)]
-        shares[name] = np.sum([batch[f"{name}_per_class"] for batch in counts], axis=0) / total
+    accuracies = {name: [100.0 * int(c) / total for c in totals[name]] for name in decodes}
+    shares = {name: totals[f"{name}_per_class"] / total for name in decodes}
     return accuracies, shares
+
+
+def evaluate_validation(exp: Experiment, states, objective: str) -> tuple[list[float], list[float]]:
+    """Each replica's accuracy (%) on the validation split by ``objective``'s own decoding, and its mean loss
+    there (OAT's with each validation batch's anchor)."""
+    decode = objectives.get(objective).decode
+    totals = _held_out_counts(exp, states, exp.validation_batches(exp.config.eval_batch_size), _uniform_anchors(exp),
+                              "validation", decodes=(decode,), objective=objective,
+                              variant=objectives.get(objective).variant or exp.config.variant)
+    total = len(exp.dataset.validation_labels)
+    return [100.0 * int(c) / total for c in totals[decode]], [float(loss) / total for loss in totals["loss_sum"]]
 
 
 def evaluate(exp: Experiment, states, decodes: tuple[str, ...] = ("argmax", "anchor"),
@@ -220,8 +238,12 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
         train_anchors = metrics["anchor_sum"] / metrics["rows"][:, None]
         accuracies, shares = evaluate_in_detail(exp, states, steps.DECODES, variant=variant,
                                                 train_anchors=train_anchors)
+        validation = evaluate_validation(exp, states, objective) if exp.has_validation else None
         records = _epoch_records(exp, arm, epoch, objective, metrics, accuracies, shares,
                                  time.perf_counter() - started, _compiling[0] - compiled)
+        if validation is not None:
+            for record, accuracy, loss in zip(records, *validation):
+                record.update(val_accuracy=accuracy, val_loss=loss)
         # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
         for record in records:
             log.append(record)
@@ -384,6 +406,8 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
     summary = summarise(log.records(), exp.arms, config.paper.to_dict(), log.divergences())
     summary["dataset"] = {"name": exp.dataset.name, "source": exp.dataset.source,
                           "train_samples": len(exp.dataset.train_labels), "test_samples": len(exp.dataset.test_labels)}
+    if exp.has_validation:
+        summary["dataset"]["validation_samples"] = len(exp.dataset.validation_labels)
     if distributed.is_primary():
         write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     return summary

@@ -267,13 +267,41 @@ def read_lines(path: str) -> list[dict]:
     return records
 
 
+# How a seed's score is read off its epochs: at the epoch of highest validation accuracy, or at the last.
+SELECT_VALIDATION, SELECT_FINAL = "validation", "final"
+SCORE_FIELDS = {SELECT_VALIDATION: "test_accuracy_at_selected_epoch", SELECT_FINAL: "final_test_accuracy"}
+
+
 def _arm_summary(history: list[dict]) -> dict:
+    """One seed's figures. The oracle's best epoch is picked by test accuracy: it is shown, never compared.
+    With a validation split, ``selected_epoch`` is the epoch of highest validation accuracy (the earlier on a
+    tie), and ``test_accuracy_at_selected_epoch`` its test accuracy."""
     best = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))
     result = {"final_test_accuracy": history[-1]["test_accuracy"], "final_epoch": history[-1]["epoch"],
-              "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"]}
+              "oracle_best_test_accuracy": best["test_accuracy"], "oracle_best_epoch": best["epoch"]}
+    validated = [r for r in history if "val_accuracy" in r]
+    if validated:
+        selected = max(validated, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+        result.update(selected_epoch=selected["epoch"], selected_val_accuracy=selected["val_accuracy"],
+                      test_accuracy_at_selected_epoch=selected["test_accuracy"],
+                      final_val_accuracy=history[-1].get("val_accuracy"))
     if "test_accuracy_by_decode" in history[-1]:  # runs from before the four decodings lack it
         result["final_test_accuracy_by_decode"] = history[-1]["test_accuracy_by_decode"]
     return result
+
+
+def oracle_named(figures: dict) -> dict:
+    """An arm's or a seed's summary entry with the oracle fields under their present names (summaries written
+    before the validation split called them ``best_test_accuracy``, ``best_epoch``)."""
+    return {("oracle_" + key if key.startswith("best_") else key): value for key, value in figures.items()}
+
+
+def selection_rule(*groups: dict) -> str:
+    """The comparison's rule for groups of seed entries ({seed: entry}): the validation-selected epoch where
+    every seed of every group has one, otherwise the final epoch."""
+    entries = [entry for group in groups for entry in group.values()]
+    return SELECT_VALIDATION if entries and all(SCORE_FIELDS[SELECT_VALIDATION] in e for e in entries) \
+        else SELECT_FINAL
 
 
 def summarise(records: list[dict], arms: list[str], paper: dict, divergences: list[dict] = ()) -> dict:
@@ -307,8 +335,10 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
             summary["arms"][arm] = result
             continue
         result["final_epoch"] = max(s["final_epoch"] for s in per_seed.values())
-        for key in ("final_test_accuracy", "best_test_accuracy"):
-            values = [s[key] for s in per_seed.values()]
+        for key in ("final_test_accuracy", "test_accuracy_at_selected_epoch", "oracle_best_test_accuracy"):
+            values = [s[key] for s in per_seed.values() if key in s]
+            if len(values) < len(per_seed):
+                continue
             result[key] = statistics.fmean(values)
             result[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         by_decode = [s["final_test_accuracy_by_decode"] for s in per_seed.values()
@@ -317,16 +347,19 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
             result["final_test_accuracy_by_decode"] = {name: statistics.fmean(d[name] for d in by_decode)
                                                        for name in by_decode[0]}
         if len(per_seed) == 1:
-            result["best_epoch"] = next(iter(per_seed.values()))["best_epoch"]
+            only = next(iter(per_seed.values()))
+            result.update({key: only[key] for key in ("oracle_best_epoch", "selected_epoch") if key in only})
         summary["arms"][arm] = result
     reference = summary["arms"].get("ce", {}).get("seeds", {})
     for arm, result in summary["arms"].items():
         if arm != "ce" and reference:
-            comparison = paired_comparison(_finals(result), _finals(summary["arms"]["ce"]))
+            rule = selection_rule(result["seeds"], reference)
+            comparison = paired_comparison(scores(result["seeds"], rule), scores(reference, rule))
             if comparison:
-                result["vs_ce"] = comparison
+                result["vs_ce"] = {**comparison, "select": rule}
     return summary
 
 
-def _finals(result: dict) -> dict[str, float]:
-    return {seed: s["final_test_accuracy"] for seed, s in result["seeds"].items()}
+def scores(per_seed: dict, rule: str) -> dict[str, float]:
+    """Each seed's test accuracy under ``rule`` (``SELECT_VALIDATION`` or ``SELECT_FINAL``)."""
+    return {seed: s[SCORE_FIELDS[rule]] for seed, s in per_seed.items() if SCORE_FIELDS[rule] in s}

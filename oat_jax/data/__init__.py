@@ -32,6 +32,9 @@ class Dataset:
     test_labels: np.ndarray  # (M,) int32
     num_classes: int
     source: str  # where it was read from: a path, or "tensorflow-datasets:<name>"
+    # Held out from the training set by ``holdout.hold_out_validation`` (None: no validation split).
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
 
 
 class DatasetError(Exception):
@@ -142,3 +145,4 @@ def _checked_split(
 # last because the modules import the names defined above.
 from oat_jax.data.images import resize_all  # noqa: E402
 from oat_jax.data import cifar10, fashion_mnist, image_folder, ucf101  # noqa: E402,F401
+from oat_jax.data.holdout import hold_out_validation  # noqa: E402,F401
