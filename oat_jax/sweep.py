@@ -199,17 +199,17 @@ def run_jobs(jobs: list[Job], config_file: str, parallel: int, prune: bool = Fal
 
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while waiting or running:
+        while running or (waiting and not _STOPPING):
             while waiting and len(running) < parallel and not _STOPPING:
                 job = waiting.pop(0)
                 os.makedirs(os.path.dirname(job.log), exist_ok=True)
                 with open(job.log, "a") as log:
-                    command = [sys.executable, "-m", "oat_jax.main", f"--config={config_file}",
-                               f"--workdir={job.workdir}", *job.arguments, "--config.progress=false"]
-                    log.write(f"$ {' '.join(command)}\n")
+                    command = ["-m", "oat_jax.main", f"--config={config_file}", f"--workdir={job.workdir}",
+                               *job.arguments, "--config.progress=false"]
+                    log.write(f"$ python {' '.join(command)}\n")
                     log.flush()
                     # Its own session: a terminal's Ctrl-C reaches it once, through ``stop``.
-                    running[job] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                    running[job] = subprocess.Popen([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT,
                                                     start_new_session=True)
             time.sleep(0.5)
             for job, process in list(running.items()):
