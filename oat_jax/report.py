@@ -13,11 +13,14 @@ config.json is skipped with a note. ``--figure`` draws the paired comparisons, s
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 
+from oat_jax import paired
 from oat_jax import workdir as workdir_lib
 from oat_jax.paired import paired_comparison
 from oat_jax.paper_figures import TABLE_ORDER
@@ -38,6 +41,7 @@ class Cell:
     accuracies: dict[str, dict[str, float]] = field(default_factory=dict)  # per arm, {seed: final accuracy}
     decodings: dict[str, dict[str, dict]] = field(default_factory=dict)  # per arm, {seed: {decoding: accuracy}}
     notes: list[str] = field(default_factory=list)
+    selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: epoch}, where any
 
 
 def _run_notes(summary: dict, config: dict) -> list[str]:
@@ -75,12 +79,12 @@ def _protocol(paper: dict | None) -> tuple[int, int]:
     return defaults["num_epochs"], defaults["pretrain_epochs"]
 
 
-def _identity(config: dict) -> dict:
+def _identity(config: dict, tuned: tuple[str, ...] = ()) -> dict:
     """The fields that decide a run's results (``workdir.identity``) but the seeds, the arms (each arm branches
-    alone from the same pre-training, so a run of other arms adds to the same row) and the paper's figures
-    (the cell's, already its key)."""
+    alone from the same pre-training, so a run of other arms adds to the same row), the paper's figures
+    (the cell's, already its key) and the fields a sweep tuned per arm (``tuned``)."""
     return {k: v for k, v in workdir_lib.identity(config).items()
-            if k not in ("seed", "num_seeds", "paper", "arms")}
+            if k not in ("seed", "num_seeds", "paper", "arms", *tuned)}
 
 
 def _arm_seeds(accuracies: dict[str, dict[str, float]]) -> set[tuple[str, str]]:
@@ -95,43 +99,57 @@ class Run:
     config: dict  # complete (workdir.read_config): a field an older run predates had its default then
     accuracies: dict[str, dict[str, float]]
     decodings: dict[str, dict[str, dict]]  # per arm, {seed: the final epoch's accuracy by decoding}, where logged
+    selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: validation's epoch}
 
     @property
     def seeds(self) -> set[str]:
         return {seed for per_seed in self.accuracies.values() for seed in per_seed}
 
 
-def load_run(workdir: str) -> Run:
-    """The run in ``workdir``; WorkdirError saying why it cannot be reported."""
+def run_rule(workdir: str) -> str:
+    """The selection rule a run supports best: the validation-selected epoch where it has a validation split."""
+    summary = workdir_lib.read_summary(workdir)
+    return workdir_lib.selection_rule(*(result.get("seeds", {}) for result in summary.get("arms", {}).values()))
+
+
+def load_run(workdir: str, select: str = workdir_lib.SELECT_FINAL) -> Run:
+    """The run in ``workdir``, each seed's accuracy read under the rule ``select`` (the final epoch, or the
+    validation-selected one); WorkdirError saying why it cannot be reported."""
     if not os.path.isdir(workdir):
         raise WorkdirError("not a folder")
     summary, config = workdir_lib.read_summary(workdir), workdir_lib.read_config(workdir)
+    if select == workdir_lib.SELECT_VALIDATION and run_rule(workdir) != select:
+        raise WorkdirError("it has no validation split to select an epoch on; report it with --select final")
     try:
-        accuracies = {arm: {seed: float(per_seed["final_test_accuracy"]) for seed, per_seed in result["seeds"].items()}
+        accuracies = {arm: {seed: float(value) for seed, value in workdir_lib.scores(result["seeds"], select).items()}
                       for arm, result in summary.get("arms", {}).items()}
+        if not any(accuracies.values()) and any(result["seeds"] for result in summary.get("arms", {}).values()):
+            raise KeyError(select)
     except (AttributeError, KeyError, TypeError, ValueError):
         raise WorkdirError("summary.json is not an oat_jax summary (no per-seed final accuracies)") from None
     decodings = {arm: {seed: per_seed["final_test_accuracy_by_decode"] for seed, per_seed in result["seeds"].items()
                        if "final_test_accuracy_by_decode" in per_seed}
                  for arm, result in summary.get("arms", {}).items()}
-    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings)
+    selected = {arm: {seed: per_seed["selected_epoch"] for seed, per_seed in result["seeds"].items()
+                      if "selected_epoch" in per_seed} for arm, result in summary.get("arms", {}).items()}
+    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings, selected)
 
 
-def load_runs(workdirs: list[str]) -> tuple[list[Run], list[str]]:
+def load_runs(workdirs: list[str], select: str = workdir_lib.SELECT_FINAL) -> tuple[list[Run], list[str]]:
     """The reportable runs, and for each other workdir a line saying why it is skipped."""
     runs, skipped = [], []
     for workdir in workdirs:
         try:
-            runs.append(load_run(workdir))
+            runs.append(load_run(workdir, select))
         except WorkdirError as e:
             skipped.append(f"{workdir}: {e}")
     return runs, skipped
 
 
-def _new_row_note(cell_rows: list[Cell], run: Run) -> str:
+def _new_row_note(cell_rows: list[Cell], run: Run, tuned: tuple[str, ...] = ()) -> str:
     """Why a run fits none of its cell's rows: another config than the first row's, or a seed already
     counted in each row of its own config."""
-    identity = _identity(run.config)
+    identity = _identity(run.config, tuned)
     same = [row for row in cell_rows if row.identity == identity]
     if same:
         repeated = set.union(*(_arm_seeds(row.accuracies) for row in same)) & _arm_seeds(run.accuracies)
@@ -142,10 +160,10 @@ def _new_row_note(cell_rows: list[Cell], run: Run) -> str:
     return "differs: " + ", ".join(changed)
 
 
-def collect(runs: list[Run]) -> list[Cell]:
+def collect(runs: list[Run], tuned: tuple[str, ...] = ()) -> list[Cell]:
     """The report's rows: each run joins the first row of its (table, setting) with the same config apart
-    from the seeds and arms and none of its arms' seeds, else starts a row of its own beneath the cell's
-    others."""
+    from the seeds, the arms and the ``tuned`` fields, and none of its arms' seeds, else starts a row of its
+    own beneath the cell's others."""
     rows: list[Cell] = []
     for run in runs:
         paper = run.summary.get("paper")
@@ -154,13 +172,13 @@ def collect(runs: list[Run]) -> list[Cell]:
         else:
             key = (_OTHER, f"{run.config['dataset']}, {run.config['model']}")
         cell_rows = [row for row in rows if (row.table, row.setting) == key]
-        identity = _identity(run.config)
+        identity = _identity(run.config, tuned)
         row = next((r for r in cell_rows if r.identity == identity
                     and not _arm_seeds(r.accuracies) & _arm_seeds(run.accuracies)), None)
         if row is None:
             row = Cell(key[0], key[1], paper, identity)
             if cell_rows:
-                row.notes.append(_new_row_note(cell_rows, run))
+                row.notes.append(_new_row_note(cell_rows, run, tuned))
                 rows.insert(rows.index(cell_rows[-1]) + 1, row)
             else:
                 rows.append(row)
@@ -168,6 +186,7 @@ def collect(runs: list[Run]) -> list[Cell]:
         for arm, per_seed in run.accuracies.items():
             row.accuracies.setdefault(arm, {}).update(per_seed)
             row.decodings.setdefault(arm, {}).update(run.decodings.get(arm, {}))
+            row.selected_epochs.setdefault(arm, {}).update(run.selected_epochs.get(arm, {}))
         row.notes += [f"{run.name}: {note}" for note in _run_notes(run.summary, run.config)]
     return rows
 
@@ -186,11 +205,25 @@ def _table_rank(table: str) -> int:
     return TABLE_ORDER.index(table) if table in TABLE_ORDER else len(TABLE_ORDER)
 
 
-def format_markdown(cells: list[Cell]) -> str:
+@dataclass
+class Comparing:
+    """How the report compares: the selection rule of each seed's score, the contrasts whose p-values form
+    Holm's family (None: all of a row's comparisons), and the equivalence margin in points."""
+    select: str = workdir_lib.SELECT_FINAL
+    contrasts: list[tuple[str, str]] | None = None
+    margin: float = 0.3
+
+    @property
+    def score(self) -> str:
+        return ("test accuracy at the validation-selected epoch (each seed's epoch of highest validation "
+                "accuracy)" if self.select == workdir_lib.SELECT_VALIDATION else "final-epoch test accuracy")
+
+
+def format_markdown(cells: list[Cell], comparing: Comparing = Comparing()) -> str:
     """A Markdown section per table: setting, the paper's and our accuracy without and with OAT, seeds; the
     accuracy of an arm of another objective in the notes."""
     lines = ["# Test accuracy (%): the paper and this implementation", "",
-             "Ours: final-epoch test accuracy, mean ± standard deviation over seeds where there are several."]
+             f"Ours: {comparing.score}, mean ± standard deviation over seeds where there are several."]
     for table in sorted({c.table for c in cells}, key=_table_rank):
         lines += ["", f"## {table}", "",
                   "| setting | w/o OAT, paper | w/o OAT, ours | OAT, paper | OAT, ours | seeds | notes |",
@@ -203,7 +236,7 @@ def format_markdown(cells: list[Cell]) -> str:
                      if arm not in ("ce", "oat")]  # an arm of another objective: not in the paper's tables
             lines.append(f"| {cell.setting} | {paper_ce} | {ce} | {paper_oat} | {oat} | {len(cell.seeds)} | "
                          f"{'; '.join(notes + cell.notes)} |")
-        lines += _comparisons([c for c in cells if c.table == table])
+        lines += _comparisons([c for c in cells if c.table == table], comparing)
         lines += _decodings([c for c in cells if c.table == table])
     return "\n".join(lines) + "\n"
 
@@ -250,30 +283,117 @@ def paired_results(cell: Cell) -> list[tuple[str, str, dict, list[float]]]:
     return results
 
 
-def _comparisons(cells: list[Cell]) -> list[str]:
+def judged_results(cell: Cell, comparing: Comparing) -> list[tuple[str, str, dict, list[float], dict]]:
+    """``paired_results`` with each comparison's judgement: Holm-adjusted p-values over the family (the
+    contrasts named in ``comparing``, or all of the row's), the equivalence test against the margin, and one
+    word (``paired.verdict``); comparisons outside the family are judged "–"."""
+    results = paired_results(cell)
+    family = [i for i, (arm, reference, _, _) in enumerate(results)
+              if comparing.contrasts is None or (arm, reference) in comparing.contrasts]
+    equivalence = {i: paired.equivalence_p_value(results[i][3], comparing.margin) for i in family}
+    adjusted = dict(zip(family, paired.holm([results[i][2]["p_value"] for i in family])))
+    adjusted_equivalence = dict(zip(family, paired.holm([equivalence[i] for i in family])))
+    judged = []
+    for i, (arm, reference, comparison, differences) in enumerate(results):
+        judgement = {"holm_p": adjusted.get(i), "equivalence_p": equivalence.get(i),
+                     "verdict": paired.verdict(comparison, adjusted.get(i), adjusted_equivalence.get(i))
+                     if i in family else "–"}
+        judged.append((arm, reference, comparison, differences, judgement))
+    return judged
+
+
+def _p(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def _comparisons(cells: list[Cell], comparing: Comparing = Comparing()) -> list[str]:
     """Each arm against cross-entropy, and OAT against each of its controls, paired by seed
     (``oat_jax.paired``), for the rows that have both arms: a table row each, named by the arm against
-    cross-entropy and by the control against OAT."""
+    cross-entropy and by the control against OAT, with its Holm-adjusted p-value and verdict."""
     against_ce, against_controls = [], []
     for cell in cells:
-        for arm, reference, comparison, _ in paired_results(cell):
+        for arm, reference, comparison, _, judgement in judged_results(cell, comparing):
             interval = ("–" if comparison["ci95"] is None else
                         f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
-            p_value = "–" if comparison["p_value"] is None else f"{comparison['p_value']:.3g}"
+            p_value = "no spread" if comparison.get("no_spread") else _p(comparison["p_value"])
             table, label = (against_ce, arm) if reference == "ce" else (against_controls, reference)
             table.append(f"| {cell.setting} | {label} | {comparison['mean_difference']:+.3f} | {interval} | "
-                         f"{p_value} | {comparison['wins']} of {comparison['seeds']} |")
+                         f"{p_value} | {_p(judgement['holm_p'])} | {_p(judgement['equivalence_p'])} | "
+                         f"{comparison['wins']} of {comparison['seeds']} | {judgement['verdict']} |")
+    family = ("the contrasts " + ", ".join(f"{arm} − {reference}" for arm, reference in comparing.contrasts)
+              if comparing.contrasts else "all of a row's comparisons")
+    columns = "| 95 % interval | p | p (Holm) | p (equivalent) | {} | verdict |"
+    rule = "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     lines = []
     if against_ce:
-        lines += ["", "Against cross-entropy, paired by seed (final accuracy, percentage points; a 95 % t interval "
-                      "and a two-sided paired t-test):", "",
-                  "| setting | arm | mean difference | 95 % interval | p | wins |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |", *against_ce]
+        lines += ["", f"Against cross-entropy, paired by seed ({comparing.score}, percentage points; a 95 % t "
+                      "interval and a two-sided paired t-test):", "",
+                  "| setting | arm | mean difference " + columns.format("wins"), rule, *against_ce]
     if against_controls:
         lines += ["", "OAT against its controls, paired by seed (OAT minus the control; wins are OAT's):", "",
-                  "| setting | control | OAT − control | 95 % interval | p | OAT wins |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |", *against_controls]
+                  "| setting | control | OAT − control " + columns.format("OAT wins"), rule, *against_controls]
+    if against_ce or against_controls:
+        lines += ["", f"p (Holm): adjusted over {family}. p (equivalent): two one-sided t-tests that the difference "
+                      f"lies within ±{comparing.margin:g} points, Holm-adjusted over the same family for the verdict. "
+                      "Verdict: better or worse where the adjusted p < 0.05, equivalent where the adjusted "
+                      "equivalence p < 0.05, otherwise inconclusive; – for a comparison outside the family. "
+                      "\"no spread\": every seed differs by the same amount, so there is nothing to test against."]
     return lines
+
+
+def _contrasts(text: str | None) -> list[tuple[str, str]] | None:
+    """"oat-ce,oat-ce_smooth" -> [("oat", "ce"), ("oat", "ce_smooth")]; ValueError saying how to write it."""
+    if not text:
+        return None
+    pairs = [tuple(part.strip().split("-")) for part in text.split(",")]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise ValueError(f"--contrasts {text!r}: write each as ARM-REFERENCE, e.g. oat-ce,oat-ce_smooth")
+    return pairs
+
+
+def _default_rule(workdirs: list[str]) -> str:
+    """The validation rule where every readable run has a validation split, otherwise the final epoch."""
+    rules = set()
+    for workdir in workdirs:
+        try:
+            rules.add(run_rule(workdir))
+        except WorkdirError:
+            continue
+    return workdir_lib.SELECT_VALIDATION if rules == {workdir_lib.SELECT_VALIDATION} else workdir_lib.SELECT_FINAL
+
+
+def _read_selection(folder: str) -> dict:
+    from oat_jax.sweep import SELECTION_FILE
+    try:
+        with open(os.path.join(folder, SELECTION_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise ValueError(f"--sweep {folder}: no readable {SELECTION_FILE} (run python -m oat_jax.sweep there "
+                         "first)") from None
+
+
+def sweep_section(selection: dict, cells: list[Cell]) -> str:
+    """The sweep's choices: per arm its chosen setting, the validation accuracy and epoch it was chosen at,
+    how many grid points it was given and whether the choice lies at the grid's edge; and the mean epoch
+    the confirming seeds selected."""
+    lines = ["", "## The sweep's choices", "",
+             f"Chosen on validation accuracy only: {selection['rule']}.", "",
+             "| arm | chosen | validation accuracy | its selected epoch | grid points (diverged) | at the edge | "
+             "confirming seeds' mean selected epoch |", "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    for arm, choice in selection["arms"].items():
+        points = choice["points"]
+        diverged = sum(point["diverged"] for point in points)
+        if choice["chosen"] is None:
+            lines.append(f"| {arm} | none: diverged everywhere | – | – | {len(points)} ({diverged}) | – | – |")
+            continue
+        epochs = [point["selected_epoch"] for point in points if point["setting"] == choice["chosen"]]
+        confirmed = [epoch for cell in cells for epoch in cell.selected_epochs.get(arm, {}).values()]
+        chosen = ", ".join(f"{field}={value:g}" if isinstance(value, float) else f"{field}={value}"
+                           for field, value in choice["chosen"].items())
+        lines.append(f"| {arm} | {chosen} | {choice['validation_accuracy']:.2f} | {', '.join(map(str, epochs))} | "
+                     f"{len(points)} ({diverged}) | {'yes' if choice['at_edge'] else 'no'} | "
+                     + (f"{statistics.fmean(confirmed):.1f} |" if confirmed else "– |"))
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,19 +406,47 @@ def main(argv: list[str] | None = None) -> int:
                                                  "'python -m oat_jax.report plots <workdir>' draws one run's "
                                                  "figures.")
     parser.add_argument("workdirs", nargs="+", help="workdirs of python -m oat_jax.main runs")
+    parser.add_argument("--select", choices=(workdir_lib.SELECT_VALIDATION, workdir_lib.SELECT_FINAL),
+                        help="each seed's score: at its validation-selected epoch, or at the final one "
+                             "(default: validation where every run has a validation split, else final)")
+    parser.add_argument("--contrasts", metavar="ARM-REF,...",
+                        help="the comparisons of Holm's family, e.g. oat-ce,oat-ce_smooth (default: all of a row's)")
+    parser.add_argument("--margin", type=float, default=0.3,
+                        help="equivalence margin in accuracy points (default 0.3)")
+    parser.add_argument("--sweep", metavar="FOLDER",
+                        help="the sweep (python -m oat_jax.sweep) that chose the runs' settings: its choices "
+                             "are listed, and its tuned fields may differ between the arms of a row")
+    parser.add_argument("--sweep-figure", metavar="PNG",
+                        help="with --sweep: draw validation accuracy against the learning rate, one line per arm")
     parser.add_argument("--out", help="also write the Markdown to this file")
     parser.add_argument("--figure", metavar="PNG",
                         help="also draw the paired comparisons (each seed's difference, the mean and its 95 %% "
                              "interval) to this PNG file")
     args = parser.parse_args(argv)
-    runs, skipped = load_runs(args.workdirs)
+    try:
+        contrasts = _contrasts(args.contrasts)
+        selection = _read_selection(args.sweep) if args.sweep else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.margin <= 0 or not math.isfinite(args.margin):
+        print(f"error: --margin must be a positive number of points, got {args.margin}", file=sys.stderr)
+        return 2
+    select = args.select or _default_rule(args.workdirs)
+    runs, skipped = load_runs(args.workdirs, select)
     if not runs:  # one line, whatever the number of folders
         print(f"error: nothing to report: {'; '.join(skipped)}", file=sys.stderr)
         return 2
     for line in skipped:  # runs/* may hold an unfinished run: report the others
         print(f"note: skipping {line}", file=sys.stderr)
-    cells = collect(runs)
-    text = format_markdown(cells)
+    cells = collect(runs, tuple(selection["grid"]) if selection else ())
+    text = format_markdown(cells, Comparing(select, contrasts, args.margin))
+    if selection:
+        text += sweep_section(selection, cells)
+        if args.sweep_figure:
+            from oat_jax import plots  # matplotlib: only imported for figures
+            plots.write_sweep_figure(selection, args.sweep_figure)
+            print(f"figure: {args.sweep_figure}", file=sys.stderr)
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:

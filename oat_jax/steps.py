@@ -176,7 +176,8 @@ def train_steps_on_device(states, metrics, images, labels, orders, first_step, n
     return jax.lax.scan(body, (states, metrics), first_step + jnp.arange(num_steps))[0]
 
 
-def _correct(state, images, labels, mask, train_anchor, mean, std, variant, decodes, objective, settings):
+def _correct(state, images, labels, mask, train_anchor, mean, std, variant, decodes, objective=None,
+             settings=LossSettings()):
     outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
 
     def with_anchor(anchor):  # eq. 4; anchor (C,) or one per row (B, C)

@@ -119,13 +119,14 @@ def train_epoch(exp: Experiment, states, epoch: int, objective: str, arm: str, r
     return states, metrics
 
 
-def divergence(exp: Experiment, metrics, arm: str, epoch: int, objective: str) -> str | None:
-    """Why the epoch's ``metrics`` show a replica diverged (a non-finite loss or anchor), naming arm, epoch,
-    step and likely cause; None when none did."""
-    bad = np.flatnonzero(metrics["first_bad_step"] >= 0)
-    if not bad.size:
-        return None
-    k = bad[0]
+def diverged_replicas(metrics) -> list[int]:
+    """The replicas whose epoch ``metrics`` show a non-finite loss or anchor."""
+    return [int(k) for k in np.flatnonzero(metrics["first_bad_step"] >= 0)]
+
+
+def divergence(exp: Experiment, metrics, arm: str, epoch: int, objective: str, k: int) -> str:
+    """Why replica ``k`` diverged in this epoch (a non-finite loss or anchor), naming arm, epoch, step, seed
+    and the likely cause."""
     return (f"training diverged: arm '{arm}', epoch {epoch}, step {metrics['first_bad_step'][k] + 1} of "
             f"{exp.steps_per_epoch()}" + (f", seed {exp.seeds[k]}" if len(exp.seeds) > 1 else "")
             + f" has a non-finite loss or anchor (loss {metrics['bad_loss'][k]}, anchor entries "
@@ -218,6 +219,9 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
     saves its progress first; the next run resumes it."""
     last = exp.config.pretrain_epochs if arm == PRETRAIN else exp.config.num_epochs
     variant = objectives.get(objective).variant or exp.config.variant
+    # Replicas of this arm that diverged earlier: they compute on (on NaNs) but log nothing more.
+    ended = {exp.seeds.index(event["seed"]) for event in log.divergences()
+             if event["arm"] == arm and event["seed"] in exp.seeds}
     part_way = resume if resume is not None and resume.steps_done else None
     for epoch in range(first_epoch, last + 1):
         if _stop_agreed():
@@ -229,12 +233,15 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
         except EpochStopped as stop:
             checkpoints.save(epoch, stop.point.states, stop.point.steps_done, stop.point.metrics)
             raise
-        diverged = divergence(exp, metrics, arm, epoch, objective)
+        diverged = [k for k in diverged_replicas(metrics) if k not in ended]
         if diverged and arm == PRETRAIN:  # nothing can branch from it
-            raise TrainingDiverged(diverged + ". The last good checkpoint is kept.")
-        if diverged:
+            raise TrainingDiverged(divergence(exp, metrics, arm, epoch, objective, diverged[0])
+                                   + ". The last good checkpoint is kept.")
+        if diverged:  # those seeds end here; the arm's other seeds train on
             _record_divergence(exp, log, arm, epoch, objective, metrics, diverged)
-            return None
+            ended.update(diverged)
+            if len(ended) == len(exp.seeds):
+                return None
         train_anchors = metrics["anchor_sum"] / metrics["rows"][:, None]
         accuracies, shares = evaluate_in_detail(exp, states, steps.DECODES, variant=variant,
                                                 train_anchors=train_anchors)
@@ -244,6 +251,7 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
         if validation is not None:
             for record, accuracy, loss in zip(records, *validation):
                 record.update(val_accuracy=accuracy, val_loss=loss)
+        records = [record for k, record in enumerate(records) if k not in ended]
         # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
         for record in records:
             log.append(record)
@@ -254,15 +262,19 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
     return states
 
 
-def _record_divergence(exp: Experiment, log, arm, epoch, objective, metrics, message) -> None:
-    """Ends a diverged arm: a line per diverged seed in metrics.jsonl (``workdir.DIVERGED``), which a rerun
-    reads as the arm's end; its last good checkpoint stays, and the other arms go on."""
-    for k in np.flatnonzero(metrics["first_bad_step"] >= 0):
+def _record_divergence(exp: Experiment, log, arm, epoch, objective, metrics, replicas) -> None:
+    """Ends the diverged ``replicas`` of an arm: a line per seed in metrics.jsonl (``workdir.DIVERGED``), which
+    a rerun reads as that seed's end. The arm's other seeds and the other arms go on."""
+    for k in replicas:
+        message = divergence(exp, metrics, arm, epoch, objective, k)
         log.append({"arm": arm, "epoch": epoch, "seed": exp.seeds[k], "objective": objective,
                     "event": workdir_lib.DIVERGED, "step": int(metrics["first_bad_step"][k]) + 1,
                     "steps_per_epoch": exp.steps_per_epoch(), "loss": float(metrics["bad_loss"][k]),
                     "message": message})
-    _warn(f"{message}. Arm '{arm}' stops here, its last good checkpoint kept; the other arms go on.")
+        alone = len(exp.seeds) == 1 or len(replicas) == len(exp.seeds)
+        _warn(f"{message}. " + (f"Arm '{arm}' stops here, its last good checkpoint kept; the other arms go on."
+                                if alone else f"Seed {exp.seeds[k]} of arm '{arm}' stops here; its other seeds "
+                                              "and the other arms go on."))
 
 
 def _stall_hint(config) -> str:
@@ -277,12 +289,22 @@ def _warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _logged_epochs(records, seeds) -> dict:
-    """Each arm's last epoch that metrics.jsonl records for every seed (0 for none)."""
+def _ended_seeds(divergences) -> dict[str, dict[int, int]]:
+    """Per arm, the seeds that diverged and the epoch each diverged in."""
+    ended: dict[str, dict[int, int]] = {}
+    for event in divergences:
+        ended.setdefault(event["arm"], {})[event["seed"]] = event["epoch"]
+    return ended
+
+
+def _logged_epochs(records, seeds, ended: dict | None = None) -> dict:
+    """Each arm's last epoch that metrics.jsonl records for every seed still training then (0 for none): a
+    seed in ``ended`` (``_ended_seeds``) is not waited for from the epoch it diverged in."""
     seen = {(r["arm"], r["epoch"], r["seed"]) for r in records}
     logged = {}
     for arm, epoch, _ in seen:
-        if all((arm, epoch, seed) in seen for seed in seeds):
+        stopped = (ended or {}).get(arm, {})
+        if all((arm, epoch, seed) in seen for seed in seeds if stopped.get(seed, epoch + 1) > epoch):
             logged[arm] = max(logged.get(arm, 0), epoch)
     return logged
 
@@ -313,8 +335,10 @@ def _finished_summary(workdir, exp: Experiment, logged, diverged) -> dict | None
     """The summary of a run that has nothing left to train (every arm logged to its last epoch or diverged),
     read from its summary.json; None otherwise. Its checkpoints are not needed (a study keeps none)."""
     config = exp.config
+    nothing_after_pretraining = config.pretrain_epochs == config.num_epochs
     if logged.get(PRETRAIN, 0) < config.pretrain_epochs or not all(
-            logged.get(arm) == config.num_epochs or arm in diverged for arm in exp.arms):
+            logged.get(arm) == config.num_epochs or arm in diverged or nothing_after_pretraining
+            for arm in exp.arms):
         return None
     try:
         return workdir_lib.read_summary(workdir)
@@ -371,7 +395,9 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in [PRETRAIN, *exp.arms]}
     log = MetricsLog(os.path.join(workdir, workdir_lib.METRICS_FILE), write=distributed.is_primary())
     try:
-        logged, diverged = _logged_epochs(log.records(), exp.seeds), {event["arm"] for event in log.divergences()}
+        ended = _ended_seeds(log.divergences())
+        logged = _logged_epochs(log.records(), exp.seeds, ended)
+        diverged = {arm for arm, seeds in ended.items() if set(exp.seeds) <= set(seeds)}  # every seed ended
         finished = _finished_summary(workdir, exp, logged, diverged)
         if finished is not None:  # nothing left to train: its files stay as they are
             return {**finished, "already_finished": True}

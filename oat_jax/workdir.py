@@ -310,9 +310,9 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
 
     The arm named "ce" continues the shared pre-training, so its history is the pre-training epochs followed
     by its own; every other arm's (OAT's, say) is its own epochs only. An arm that diverged (``divergences``,
-    metrics.jsonl's DIVERGED lines) says where under ``diverged`` ({seed: {"epoch", "step"}}); its final
-    accuracies are those of its last good epoch, and it has none when that was the pre-training's. An arm
-    with no epoch and no divergence is left out.
+    metrics.jsonl's DIVERGED lines) says where under ``diverged`` ({seed: {"epoch", "step", and
+    "last_good_epoch" where it had one}}); a seed cut short is left out of ``seeds``, so it is never shown as
+    final nor paired. An arm with no epoch and no divergence is left out.
     """
     from oat_jax.paired import paired_comparison
     summary = {"arms": {}, "paper": paper if paper.get("table") else None}
@@ -325,6 +325,9 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
                 per_seed[str(seed)] = _arm_summary(history)
         diverged = {str(event["seed"]): {"epoch": event["epoch"], "step": event["step"]}
                     for event in divergences if event["arm"] == arm}
+        for seed, where in diverged.items():  # cut short: never shown as final, never paired
+            if seed in per_seed:
+                where["last_good_epoch"] = per_seed.pop(seed)["final_epoch"]
         if not per_seed and not diverged:
             continue
         result = {"seeds": per_seed}

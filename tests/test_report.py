@@ -41,8 +41,7 @@ def _fake_run(path, table, setting, ce, oat, *, seed=0, final_epoch=None, config
 
 
 def _rows(text, setting, columns=7):
-    """The cells of each report row of ``setting``: the accuracy table's (7 columns), or the comparisons with
-    cross-entropy (6)."""
+    """The cells of each report row of ``setting``: the accuracy table's (7 columns), or the comparisons (9)."""
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in text.splitlines() if line.startswith(f"| {setting} |")]
     return [row for row in rows if len(row) == columns]
@@ -68,11 +67,16 @@ def test_cells_pool_seeds_across_workdirs_and_sit_in_the_papers_tables(tmp_path,
     # (2q - 1) / sqrt(2q(1 - q)), and the two-sided p of t is 1 - t / sqrt(t² + 2).
     error, quantile = 1.5 / np.sqrt(3), 0.95 / np.sqrt(2 * 0.975 * 0.025)
     t = 3 / error
-    assert _rows(text, "UCF-101, ResNet-18", columns=6) == [[
+    # Equivalence within ±0.3 (two one-sided tests): the larger p is that of the mean not being below +0.3,
+    # the t(2) distribution function at (3 - 0.3) / error, 1/2 + t / (2 sqrt(t² + 2)). One comparison: Holm's
+    # p is the raw one; neither rejects at 0.05, so the verdict is inconclusive.
+    upper = (3 - 0.3) / error
+    p_value = f"{1 - t / np.sqrt(t * t + 2):.3g}"
+    assert _rows(text, "UCF-101, ResNet-18", columns=9) == [[
         "UCF-101, ResNet-18", "oat", "+3.000", f"[{3 - quantile * error:+.3f}, {3 + quantile * error:+.3f}]",
-        f"{1 - t / np.sqrt(t * t + 2):.3g}", "3 of 3"]]
-    assert _rows(text, "learning rate 0.01", columns=6) == [
-        ["learning rate 0.01", "oat", "-9.250", "–", "–", "0 of 1"]]
+        p_value, p_value, f"{0.5 + upper / (2 * np.sqrt(upper ** 2 + 2)):.3g}", "3 of 3", "inconclusive"]]
+    assert _rows(text, "learning rate 0.01", columns=9) == [
+        ["learning rate 0.01", "oat", "-9.250", "–", "–", "–", "–", "0 of 1", "inconclusive"]]
 
 
 def test_partial_runs_are_flagged_not_passed_off_as_results(tmp_path, capsys):
@@ -236,7 +240,8 @@ def test_the_final_epochs_four_decodings_are_tabled_over_seeds(tmp_path, capsys)
     # The comparison with cross-entropy (+11 on both seeds) and the decodings; ce logged none, so has no row.
     assert rows[1] == (f"| fashion_mnist, lightweight | oat | 81.000 ± {np.std([80.0, 82.0], ddof=1):.3f} | "
                        f"79.500 ± {np.std([79.0, 80.0], ddof=1):.3f} | 78.000 ± 0.000 | 77.000 ± 0.000 |")
-    assert rows[0].startswith("| fashion_mnist, lightweight | oat | +11.000 | [+11.000, +11.000] | 0 | 2 of 2 |")
+    # +11 on both seeds: no spread to test against, so no interval, no p and no verdict but inconclusive.
+    assert rows[0] == "| fashion_mnist, lightweight | oat | +11.000 | – | no spread | – | – | 2 of 2 | inconclusive |"
 
 
 def _run_with_controls(path):
@@ -256,15 +261,15 @@ def test_oat_is_paired_with_each_of_its_controls_by_seed(tmp_path, capsys):
     assert report.main([str(run)]) == 0
     out = capsys.readouterr().out
     controls = out[out.index("OAT against its controls"):].split("\n\n")[1]
-    rows = _rows(controls, "fashion_mnist, lightweight", columns=6)
+    rows = _rows(controls, "fashion_mnist, lightweight", columns=9)
     # Differences 1, 2, 3: mean 2, standard error 1/sqrt(3); t(2) quantile 4.303 -> 2 ± 2.484. With 2 degrees of
     # freedom the t tail is closed-form, P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2, here t = sqrt(12): p = 0.0742.
     low, high = (float(x) for x in rows[0][3].strip("[]").split(","))
     assert rows[0][:3] == ["fashion_mnist, lightweight", "oat_uniform", "+2.000"]
     assert low == pytest.approx(2 - 2.484, abs=2e-3) and high == pytest.approx(2 + 2.484, abs=2e-3)
-    assert float(rows[0][4]) == pytest.approx(1 - np.sqrt(12) / np.sqrt(14), abs=1e-3) and rows[0][5] == "3 of 3"
+    assert float(rows[0][4]) == pytest.approx(1 - np.sqrt(12) / np.sqrt(14), abs=1e-3) and rows[0][7] == "3 of 3"
     # square only on seeds 0 and 2: 72 - 73 and 75 - 75.
-    assert rows[1][:3] == ["fashion_mnist, lightweight", "square", "-0.500"] and rows[1][5] == "0 of 2"
+    assert rows[1][:3] == ["fashion_mnist, lightweight", "square", "-0.500"] and rows[1][7] == "0 of 2"
     assert len(rows) == 2  # no ce_smooth arm, no row
 
 
@@ -292,3 +297,76 @@ def test_the_comparison_figure_draws_each_seed_and_the_interval(tmp_path, capsys
     (alone / "summary.json").write_text(json.dumps(summary))
     assert report.main([str(alone), "--figure", str(tmp_path / "none.png")]) == 0
     assert not (tmp_path / "none.png").exists() and "no row has two arms that share a seed" in capsys.readouterr().err
+
+
+def test_holm_equivalence_and_verdicts_by_hand():
+    from oat_jax import paired
+    # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, then max(0.06, 0.04) = 0.06.
+    assert paired.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert paired.holm([None, 0.02]) == [None, 0.02]
+    # TOST on differences 0.1, 0.2, 0: mean 0.1, standard error 0.1 / sqrt 3. With 2 degrees of freedom:
+    # P(T > t) = (1 - t / sqrt(t² + 2)) / 2. The upper test, t = (0.1 - 0.3) / error, decides.
+    error = 0.1 / np.sqrt(3)
+    upper = (0.1 - 0.3) / error
+    expected = (1 + upper / np.sqrt(upper ** 2 + 2)) / 2
+    assert paired.equivalence_p_value([0.1, 0.2, 0.0], 0.3) == pytest.approx(expected) and expected < 0.05
+    assert paired.equivalence_p_value([0.5, 0.5], 0.3) is None and paired.equivalence_p_value([1.0], 0.3) is None
+    better, worse = {"mean_difference": 1.0}, {"mean_difference": -1.0}
+    assert paired.verdict(better, 0.01, None) == "better" and paired.verdict(worse, 0.04, 0.9) == "worse"
+    assert paired.verdict(better, 0.2, 0.01) == "equivalent" and paired.verdict(better, 0.2, 0.2) == "inconclusive"
+    assert paired.verdict(better, None, None) == "inconclusive"
+
+
+def _validated_run(path, ce, oat, selected_ce, selected_oat):
+    """A run with a validation split: final and validation-selected test accuracies per seed."""
+    run = _fake_run(path, None, None, ce, oat, config=_config(validation_size=6000.0))
+    summary = json.loads((run / "summary.json").read_text())
+    for arm, values in (("ce", selected_ce), ("oat", selected_oat)):
+        for seed, value in zip(summary["arms"][arm]["seeds"], values):
+            summary["arms"][arm]["seeds"][seed].update(test_accuracy_at_selected_epoch=value, selected_epoch=40)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_the_report_compares_under_the_validation_rule_and_says_so(tmp_path, capsys):
+    run = _validated_run(tmp_path / "v", [70.0, 71.0, 72.0], [70.5, 71.0, 73.0], [71.0, 72.0, 73.0],
+                         [73.0, 73.5, 75.0])
+    assert report.main([str(run), "--contrasts", "oat-ce"]) == 0
+    out = capsys.readouterr().out
+    assert "Ours: test accuracy at the validation-selected epoch" in out
+    [cells] = _rows(out, "fashion_mnist, lightweight")
+    assert cells[2] == f"{np.mean([71.0, 72.0, 73.0]):.3f} ± 1.000"
+    [comparison] = _rows(out, "fashion_mnist, lightweight", columns=9)
+    assert comparison[2] == "+1.833"  # differences 2, 1.5, 2 at the selected epochs (not the final 0.5, 0, 1)
+    assert report.main([str(run), "--select", "final"]) == 0
+    out = capsys.readouterr().out
+    assert "Ours: final-epoch test accuracy" in out
+    assert _rows(out, "fashion_mnist, lightweight", columns=9)[0][2] == "+0.500"
+    # A run without a validation split cannot be read under the validation rule: skipped, saying how.
+    plain = _fake_run(tmp_path / "plain", None, None, [70.0], [71.0], config=_config())
+    assert report.main([str(run), str(plain), "--select", "validation"]) == 0
+    assert "no validation split to select an epoch on; report it with --select final" in capsys.readouterr().err
+    # Without --select, a mix is reported under the final rule.
+    assert report.main([str(run), str(plain)]) == 0
+    assert "Ours: final-epoch test accuracy" in capsys.readouterr().out
+
+
+def test_the_sweep_section_lists_each_arms_choice(tmp_path, capsys):
+    run = _validated_run(tmp_path / "v", [70.0], [71.0], [71.0], [72.0])
+    points = [{"setting": {"learning_rate": lr}, "seed": 100, "workdir": f"learning_rate={lr}/seed_100",
+               "validation_accuracy": accuracy, "selected_epoch": epoch, "diverged": accuracy is None}
+              for lr, accuracy, epoch in ((0.001, 80.0, 61), (0.01, 85.0, 33), (0.1, None, None))]
+    selection = {"rule": "highest validation accuracy", "grid": {"learning_rate": [0.001, 0.01, 0.1]},
+                 "arms": {"ce": {"chosen": {"learning_rate": 0.01}, "at_edge": False, "validation_accuracy": 85.0,
+                                 "points": points},
+                          "oat": {"chosen": None, "at_edge": False, "points": points[2:]}}}
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "selection.json").write_text(json.dumps(selection))
+    figure = tmp_path / "sweep.png"
+    assert report.main([str(run), "--sweep", str(tmp_path / "sweep"), "--sweep-figure", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert "| ce | learning_rate=0.01 | 85.00 | 33 | 3 (1) | no | 40.0 |" in out
+    assert "| oat | none: diverged everywhere | – | – | 1 (1) | – | – |" in out
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.main([str(run), "--sweep", str(tmp_path / "nothing")]) == 2
+    assert "no readable selection.json" in capsys.readouterr().err

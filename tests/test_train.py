@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from oat_jax import config_schema, data, input_pipeline, models, oat, steps, train
+from oat_jax import config_schema, data, input_pipeline, models, oat, steps, train, workdir
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.experiment import Experiment
@@ -491,3 +491,34 @@ def test_a_workdir_of_the_method_field_resumes_under_arms(synthetic_config, tmp_
     synthetic_config.method = "both"
     assert config_schema.arms_of(synthetic_config) == ["ce", "oat"]
     assert _run(synthetic_config, tmp_path) == ({**first, "already_finished": True}, [])
+
+
+def test_a_diverging_seed_ends_only_itself(synthetic_config, tmp_path, capsys):
+    """num_seeds=2 where the paper's anchor diverges in seed 0 only (in the last epoch, 4, here): seed 1 trains
+    on to num_epochs and gets what its own run gets; the summary pairs and shows only finished seeds; a rerun
+    after a kill past the divergence finishes the same, and a finished one trains nothing."""
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 4, 1
+    synthetic_config.learning_rate, synthetic_config.arms = 0.02, "ce,oat_paper"
+    synthetic_config.num_seeds = 2
+    with pytest.raises(KeyboardInterrupt):  # stopped after the divergence, before the end
+        _run(synthetic_config, tmp_path / "together", stop_after=2 + 3 * 2 + 2 + 2 + 1)
+    assert "Seed 0 of arm 'oat_paper' stops here; its other seeds and the other arms go on" in capsys.readouterr().err
+    together, _ = _run(synthetic_config, tmp_path / "together")
+    arm = together["arms"]["oat_paper"]
+    assert arm["diverged"] == {"0": {"epoch": 4, "step": arm["diverged"]["0"]["step"], "last_good_epoch": 3}}
+    assert list(arm["seeds"]) == ["1"] and arm["final_epoch"] == 4
+    assert arm["vs_ce"]["seeds"] == 1  # paired where both arms finished: seed 1 only
+    records = [r for r in workdir.read_records(str(tmp_path / "together" / "metrics.jsonl"))
+               if r["arm"] == "oat_paper"]
+    assert [(r["epoch"], r["seed"]) for r in records] == [(2, 0), (2, 1), (3, 0), (3, 1), (4, 1)]
+    synthetic_config.num_seeds, synthetic_config.seed = 1, 1
+    alone, _ = _run(synthetic_config, tmp_path / "alone")
+    assert alone["arms"]["oat_paper"]["seeds"]["1"] == arm["seeds"]["1"]
+    assert alone["arms"]["ce"]["seeds"]["1"] == together["arms"]["ce"]["seeds"]["1"]
+    alone_records = [r for r in workdir.read_records(str(tmp_path / "alone" / "metrics.jsonl"))
+                     if r["arm"] == "oat_paper"]
+    assert [(r["test_accuracy"], r["train_loss"]) for r in alone_records] == [
+        (r["test_accuracy"], r["train_loss"]) for r in records if r["seed"] == 1]
+    synthetic_config.num_seeds, synthetic_config.seed = 2, 0
+    again, seen = _run(synthetic_config, tmp_path / "together")
+    assert seen == [] and again.pop("already_finished") and again == together

@@ -156,35 +156,36 @@ def test_summarise_any_arms_ce_continuing_the_pretraining():
         assert summary["arms"][arm].pop("vs_ce") == {
             "mean_difference": pytest.approx(mean), "seeds": 2, "wins": 1,
             "ci95": pytest.approx([mean - quantile * error, mean + quantile * error]),
-            "p_value": pytest.approx(1 - 2 * math.atan(mean / error) / math.pi)}
+            "p_value": pytest.approx(1 - 2 * math.atan(mean / error) / math.pi), "select": "final"}
     assert "vs_ce" not in summary["arms"]["ce"]
     assert summary["paper"] is None and list(summary["arms"]) == ["ce", "oat", "ce_smooth"]  # no epoch: left out
-    # Cross-entropy's history starts with the pre-training: seed 0's best is its pre-training epoch 1.
+    # Cross-entropy's history starts with the pre-training: seed 0's best (by test accuracy: an oracle, never
+    # compared) is its pre-training epoch 1.
     assert summary["arms"]["ce"] == {
-        "seeds": {"0": {"final_test_accuracy": 65.0, "final_epoch": 3, "best_test_accuracy": 70.0, "best_epoch": 1},
-                  "1": {"final_test_accuracy": 57.0, "final_epoch": 3, "best_test_accuracy": 57.0, "best_epoch": 3}},
+        "seeds": {"0": {"final_test_accuracy": 65.0, "final_epoch": 3, "oracle_best_test_accuracy": 70.0, "oracle_best_epoch": 1},
+                  "1": {"final_test_accuracy": 57.0, "final_epoch": 3, "oracle_best_test_accuracy": 57.0, "oracle_best_epoch": 3}},
         "final_epoch": 3, "final_test_accuracy": 61.0, "final_test_accuracy_std": pytest.approx(math.sqrt(32)),
-        "best_test_accuracy": 63.5, "best_test_accuracy_std": pytest.approx(13 / math.sqrt(2))}
+        "oracle_best_test_accuracy": 63.5, "oracle_best_test_accuracy_std": pytest.approx(13 / math.sqrt(2))}
     assert summary["arms"]["oat"] == {
-        "seeds": {"0": {"final_test_accuracy": 64.0, "final_epoch": 3, "best_test_accuracy": 66.0, "best_epoch": 2},
-                  "1": {"final_test_accuracy": 70.0, "final_epoch": 3, "best_test_accuracy": 70.0, "best_epoch": 3}},
+        "seeds": {"0": {"final_test_accuracy": 64.0, "final_epoch": 3, "oracle_best_test_accuracy": 66.0, "oracle_best_epoch": 2},
+                  "1": {"final_test_accuracy": 70.0, "final_epoch": 3, "oracle_best_test_accuracy": 70.0, "oracle_best_epoch": 3}},
         "final_epoch": 3, "final_test_accuracy": 67.0, "final_test_accuracy_std": pytest.approx(6 / math.sqrt(2)),
-        "best_test_accuracy": 68.0, "best_test_accuracy_std": pytest.approx(4 / math.sqrt(2))}
+        "oracle_best_test_accuracy": 68.0, "oracle_best_test_accuracy_std": pytest.approx(4 / math.sqrt(2))}
     # Another objective's arm: its own epochs only (the pre-training's 70 is not its best).
     assert summary["arms"]["ce_smooth"] == {
-        "seeds": {"0": {"final_test_accuracy": 63.0, "final_epoch": 3, "best_test_accuracy": 63.0, "best_epoch": 3},
-                  "1": {"final_test_accuracy": 61.0, "final_epoch": 3, "best_test_accuracy": 62.0, "best_epoch": 2}},
+        "seeds": {"0": {"final_test_accuracy": 63.0, "final_epoch": 3, "oracle_best_test_accuracy": 63.0, "oracle_best_epoch": 3},
+                  "1": {"final_test_accuracy": 61.0, "final_epoch": 3, "oracle_best_test_accuracy": 62.0, "oracle_best_epoch": 2}},
         "final_epoch": 3, "final_test_accuracy": 62.0, "final_test_accuracy_std": pytest.approx(math.sqrt(2)),
-        "best_test_accuracy": 62.5, "best_test_accuracy_std": pytest.approx(1 / math.sqrt(2))}
+        "oracle_best_test_accuracy": 62.5, "oracle_best_test_accuracy_std": pytest.approx(1 / math.sqrt(2))}
     # One seed: the difference and whether it wins, no interval or test.
     one_seed = workdir.summarise([r for r in records if r["seed"] == 1], ["ce", "oat"], {"table": ""})
     assert one_seed["arms"]["oat"]["vs_ce"] == {"mean_difference": 13.0, "ci95": None, "p_value": None, "wins": 1,
-                                                "seeds": 1}
+                                                "seeds": 1, "select": "final"}
     one_seed = workdir.summarise([r for r in records if r["seed"] == 1], ["ce_smooth"], {"table": "Table 1"})
     assert one_seed == {"paper": {"table": "Table 1"}, "arms": {"ce_smooth": {
-        "seeds": {"1": {"final_test_accuracy": 61.0, "final_epoch": 3, "best_test_accuracy": 62.0, "best_epoch": 2}},
-        "final_epoch": 3, "final_test_accuracy": 61.0, "final_test_accuracy_std": 0.0, "best_test_accuracy": 62.0,
-        "best_test_accuracy_std": 0.0, "best_epoch": 2}}}
+        "seeds": {"1": {"final_test_accuracy": 61.0, "final_epoch": 3, "oracle_best_test_accuracy": 62.0, "oracle_best_epoch": 2}},
+        "final_epoch": 3, "final_test_accuracy": 61.0, "final_test_accuracy_std": 0.0, "oracle_best_test_accuracy": 62.0,
+        "oracle_best_test_accuracy_std": 0.0, "oracle_best_epoch": 2}}}
 
 
 def test_paired_comparison_matches_scipy_and_hand_computed_values():
@@ -202,8 +203,8 @@ def test_paired_comparison_matches_scipy_and_hand_computed_values():
     # (two-sided p 0.10) and 2.776 (p 0.05).
     assert test.statistic == pytest.approx(2.298, abs=1e-3) and 0.05 < result["p_value"] < 0.10
     assert paired_comparison({"9": 1.0}, reference) is None
-    same = paired_comparison({"0": 2.0, "1": 3.0}, {"0": 1.0, "1": 2.0})  # no spread: a sure difference
-    assert same == {"mean_difference": 1.0, "ci95": [1.0, 1.0], "p_value": 0.0, "wins": 2, "seeds": 2}
+    same = paired_comparison({"0": 2.0, "1": 3.0}, {"0": 1.0, "1": 2.0})  # no spread: nothing to test against
+    assert same == {"mean_difference": 1.0, "ci95": None, "p_value": None, "wins": 2, "seeds": 2, "no_spread": True}
 
 
 def test_metrics_log_keeps_the_checkpointed_epochs_and_reads_up_to_a_cut_line(tmp_path):
