@@ -63,7 +63,8 @@ study: install
 	    rm -rf $$workdir/checkpoints $$workdir/tensorboard $$workdir/.lock; \
 	  done; \
 	done
-	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md --figure $(STUDY)/comparisons.png
+	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md --figure $(STUDY)/comparisons.png \
+	  --by-epoch 40,60,80,100
 
 # The tuned study (README, "With every arm tuned"; issue of fair comparisons): stage 1 tunes each arm's learning
 # rate on validation (seed 100), stage 2 trains each arm at its choice on ten fresh seeds. Each run is a workdir

@@ -6,6 +6,7 @@ prints their test accuracies beside the paper's figure. ``--config.<field>=<valu
 from __future__ import annotations
 
 import ast
+import errno
 import os
 import signal
 import sys
@@ -71,13 +72,52 @@ def _print_help() -> None:
         print(f"  --config.{name}={default!r}\n      {meaning}" if meaning else f"  --config.{name}={default!r}")
 
 
+def _config_file_problem(path: str) -> str | None:
+    """What is wrong with ``path`` as a config file, as an error line; None when it is a readable file."""
+    if not path:
+        return "--config names no file; pass one, e.g. --config configs/default.py"
+    if os.path.isdir(path):
+        return f"config file {path} is a folder; pass a file in it, e.g. --config configs/default.py"
+    if not os.path.isfile(path):
+        return f"config file not found: {path}; pass an existing one, e.g. --config configs/default.py"
+    if not os.access(path, os.R_OK):
+        return f"config file {path} cannot be read (permission denied); make it readable or pass another"
+    return None
+
+
+def _config_argument(args) -> str | None:
+    """The path that ``--config`` names in ``args`` (absl's spellings; the last one counts), without a sweep's
+    ":argument"; None when there is none."""
+    path = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        name, equals, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "config":
+            path = value if equals else (args[i + 1] if i + 1 < len(args) else None)
+    return None if path is None else path.split(":", 1)[0]
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _parse_flags(argv):
     """absl's parser, with a user's mistake reported in one line instead of a traceback."""
     if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
         _print_help()
         sys.exit(0)
+    path = _config_argument(argv[1:])
+    problem = None if path is None else _config_file_problem(path)
+    if problem:  # before absl loads it: with an override absl raises a traceback of its own
+        _fail(problem)
     try:
         rest = flags.FLAGS(argv)
+    except OSError as e:  # an override met a config file that failed to load
+        _fail(f"cannot load config file {path}: {_last_line(e)}")
+    except SyntaxError as e:
+        _fail(f"config file {e.filename or path} has a syntax error at line {e.lineno}: {e.msg}; correct it")
     except flags.Error as e:
         message = str(e)
         if "Traceback" in message:  # the config file raised: its first line and the exception, not the stack
@@ -88,13 +128,16 @@ def _parse_flags(argv):
         _fail("unknown config field in a --config.<field> override: " + _one_line(e.args[0] if e.args else e))
     except (TypeError, ValueError) as e:
         _fail(f"bad --config override: {e}")
+    except Exception as e:  # the config file's own code raised (absl passes on all but ValueError)
+        _fail(f"cannot load config file {path}: {type(e).__name__}: {_last_line(e)}; correct it")
     if _CONFIG.value is None or not _WORKDIR.value:
         _fail("usage: python -m oat_jax.main --config configs/<experiment>.py --workdir <dir> "
               "[--config.<field>=<value> ...]")
     # "file.py:argument" passes the argument to the file's get_config (a sweep's value)
     path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
-    if not os.path.isfile(path):
-        _fail(f"config file not found: {path}")
+    problem = _config_file_problem(path)
+    if problem:
+        _fail(problem)
     try:
         validate_config(_CONFIG.value)
     except ConfigError as e:
@@ -102,6 +145,40 @@ def _parse_flags(argv):
     except Exception as e:  # the config file itself failed to load
         _fail(f"cannot load config file {path}: {type(e).__name__}: {e}")
     return rest
+
+
+def _workdir_problem(workdir: str) -> str | None:
+    """Why the run could not write ``workdir`` (a file, under a file, on a read-only file system or in a folder
+    this user cannot write), as an error line; None when it can. Checked before anything runs or is written."""
+    path = os.path.abspath(workdir)
+    existing = path
+    while not os.path.lexists(existing):  # the nearest part of the path that exists: the run makes the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        kind = "a file" if os.path.isfile(existing) else "neither a file nor a folder"
+        where = f"is {kind}" if existing == path else f"lies under {existing}, which is {kind}"
+        return f"--workdir {workdir} {where}, not a folder; pass a folder's path (a new one, or a run's workdir)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        return _unwritable(workdir, existing, read_only)
+    return None
+
+
+def _unwritable(workdir: str, folder: str, read_only: bool) -> str:
+    why = "is on a read-only file system" if read_only else "is not writable by this user"
+    where = "" if os.path.abspath(folder) == os.path.abspath(workdir) else f" (its folder {folder})"
+    return f"--workdir {workdir}{where} {why}; pass a --workdir in a folder you can write to"
+
+
+def _writing_workdir(error: OSError, workdir: str) -> bool:
+    """Whether ``error`` is a refused write (read-only file system, permission) to a path in ``workdir``."""
+    if not error.filename or error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return False
+    folder = os.path.abspath(workdir)
+    return os.path.commonpath([folder, os.path.abspath(os.fsdecode(error.filename))]) == folder
 
 
 def format_summary(summary: dict) -> str:
@@ -172,6 +249,9 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     config, workdir = _CONFIG.value, _WORKDIR.value
+    problem = _workdir_problem(workdir)
+    if problem:
+        _fail(problem)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     started = time.perf_counter()
@@ -183,6 +263,10 @@ def main(argv):
         _fail(str(e))
     except WorkdirFull as e:  # nothing is lost: the same command resumes once there is space
         _fail(str(e), code=4)
+    except OSError as e:  # the checks above passed, yet a write was refused (a mount that changed, say)
+        if not _writing_workdir(e, workdir):
+            raise
+        _fail(_unwritable(workdir, workdir, read_only=e.errno == errno.EROFS))
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     except KeyboardInterrupt:

@@ -287,6 +287,7 @@ def anchor_range_figure(run: Run) -> Figure:
     fig = _figure(height=9 if targets else 6)
     axes = fig.subplots(2 if targets else 1, 1, squeeze=False, sharex=True)[:, 0]
     ax = axes[0]
+    _plain_values(ax)  # entries near 1/C
     handles = []
     for arm in ("pretrain", "ce", "oat"):
         drawn = False
@@ -319,11 +320,19 @@ def anchor_range_figure(run: Run) -> Figure:
     return fig
 
 
+def _plain_values(ax) -> None:
+    """Y tick labels that show the values themselves: values that differ only in their last digits (the released
+    anchor's largest targets, 10.07 to 10.12 for C = 10) otherwise get ticks like 0.009 under an offset "+1.007e1"."""
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+
+
 def _max_target_panel(ax, targets: list[dict]) -> None:
     _band(ax, *_by_epoch(targets, "max_target"), COLOURS["oat"], "OAT")
     values = [r["max_target"] for r in targets]
     if max(values) > 10 * min(values):  # spans decades (a diverging paper-variant anchor): log scale
         ax.set_yscale("log")
+    else:
+        _plain_values(ax)
     ax.set_ylabel("largest |target|")
     ax.set_title("Largest OAT target |onehot(y) / a − 1| of each epoch")
 
@@ -457,6 +466,40 @@ def write_comparison_figure(groups: list[tuple[str, list]], path: str) -> bool:
     with matplotlib.rc_context(_STYLE):
         _save(comparison_figure(groups), path)
     return True
+
+
+def sweep_figure(selection: dict) -> Figure:
+    """A sweep's validation accuracy against the learning rate (log scale), one line per arm: the mean over
+    each point's seeds, a cross where a point diverged, the arm's choice ringed."""
+    fig = _figure(4.5)
+    ax = fig.add_subplot()
+    lowest = min((p["validation_accuracy"] for choice in selection["arms"].values() for p in choice["points"]
+                  if not p["diverged"]), default=0.0)
+    for number, (arm, choice) in enumerate(selection["arms"].items()):
+        colour = f"C{number}"
+        by_rate: dict[float, list] = {}
+        for point in choice["points"]:
+            by_rate.setdefault(point["setting"]["learning_rate"], []).append(point)
+        rates = sorted(by_rate)
+        good = [rate for rate in rates if not any(p["diverged"] for p in by_rate[rate])]
+        means = [float(np.mean([p["validation_accuracy"] for p in by_rate[rate]])) for rate in good]
+        ax.plot(good, means, "o-", color=colour, label=arm)
+        bad = [rate for rate in rates if rate not in good]
+        ax.plot(bad, [lowest] * len(bad), "x", color=colour, markersize=9, mew=2)
+        if choice["chosen"] is not None and choice["chosen"].get("learning_rate") in good:
+            rate = choice["chosen"]["learning_rate"]
+            ax.plot([rate], [means[good.index(rate)]], "o", ms=14, mfc="none", mec=colour, mew=1.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (both phases)")
+    ax.set_ylabel("validation accuracy (%) at the selected epoch")
+    ax.set_title("The sweep: each arm's choice ringed; × = diverged (drawn at the lowest accuracy)")
+    ax.legend()
+    return fig
+
+
+def write_sweep_figure(selection: dict, path: str) -> None:
+    with matplotlib.rc_context(_STYLE):
+        _save(sweep_figure(selection), path)
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -100,6 +100,7 @@ class Run:
     accuracies: dict[str, dict[str, float]]
     decodings: dict[str, dict[str, dict]]  # per arm, {seed: the final epoch's accuracy by decoding}, where logged
     selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: validation's epoch}
+    path: str = ""  # the workdir
 
     @property
     def seeds(self) -> set[str]:
@@ -132,7 +133,7 @@ def load_run(workdir: str, select: str = workdir_lib.SELECT_FINAL) -> Run:
                  for arm, result in summary.get("arms", {}).items()}
     selected = {arm: {seed: per_seed["selected_epoch"] for seed, per_seed in result["seeds"].items()
                       if "selected_epoch" in per_seed} for arm, result in summary.get("arms", {}).items()}
-    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings, selected)
+    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings, selected, workdir)
 
 
 def load_runs(workdirs: list[str], select: str = workdir_lib.SELECT_FINAL) -> tuple[list[Run], list[str]]:
@@ -396,6 +397,33 @@ def sweep_section(selection: dict, cells: list[Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_epoch_section(runs: list[Run], epochs: list[int]) -> str:
+    """Each arm's test accuracy at the given epochs, mean over every seed of the runs that logged it, and the
+    range of the seeds' best epochs: how much a ranking depends on when training stops. The best epoch is
+    picked by test accuracy, so it is an oracle, shown to read the curves, never to compare."""
+    by_arm: dict[str, dict[str, dict[int, float]]] = {}  # arm -> seed -> epoch -> accuracy
+    for run in runs:
+        for record in workdir_lib.read_records(os.path.join(run.path, workdir_lib.METRICS_FILE)):
+            arms = [record["arm"]] if record["arm"] != "pretrain" else ["ce"] if "ce" in run.accuracies else []
+            for arm in arms:
+                if arm in run.accuracies and str(record["seed"]) in run.accuracies[arm]:
+                    by_arm.setdefault(arm, {}).setdefault(str(record["seed"]), {})[record["epoch"]] = \
+                        record["test_accuracy"]
+    lines = ["", "## Test accuracy by epoch", "",
+             "Mean over seeds at each epoch; the last column, each seed's epoch of highest test accuracy, is an "
+             "oracle (chosen on the test set).", "",
+             "| arm | " + " | ".join(f"epoch {epoch}" for epoch in epochs) + " | seeds' best epochs (oracle) |",
+             "| --- | " + " | ".join("---:" for _ in epochs) + " | ---: |"]
+    for arm, seeds in by_arm.items():
+        cells = []
+        for epoch in epochs:
+            values = [history[epoch] for history in seeds.values() if epoch in history]
+            cells.append(f"{statistics.fmean(values):.2f}" if len(values) == len(seeds) else "–")
+        best = [max(history, key=lambda e: (history[e], -e)) for history in seeds.values()]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {min(best)}–{max(best)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plots"]:  # python -m oat_jax.report plots <workdir> ...: one run's figures
@@ -416,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", metavar="FOLDER",
                         help="the sweep (python -m oat_jax.sweep) that chose the runs' settings: its choices "
                              "are listed, and its tuned fields may differ between the arms of a row")
+    parser.add_argument("--by-epoch", metavar="E1,E2,...",
+                        help="also tabulate each arm's mean test accuracy at these epochs (from metrics.jsonl)")
     parser.add_argument("--sweep-figure", metavar="PNG",
                         help="with --sweep: draw validation accuracy against the learning rate, one line per arm")
     parser.add_argument("--out", help="also write the Markdown to this file")
@@ -441,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: skipping {line}", file=sys.stderr)
     cells = collect(runs, tuple(selection["grid"]) if selection else ())
     text = format_markdown(cells, Comparing(select, contrasts, args.margin))
+    if args.by_epoch:
+        try:
+            epochs = [int(epoch) for epoch in args.by_epoch.split(",")]
+        except ValueError:
+            print(f"error: --by-epoch {args.by_epoch!r}: give epochs as 40,60,80,100", file=sys.stderr)
+            return 2
+        text += by_epoch_section(runs, epochs)
     if selection:
         text += sweep_section(selection, cells)
         if args.sweep_figure:

@@ -3,6 +3,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,103 @@ def test_bad_config_exits_with_one_line(tmp_path, overrides, message):
 def test_missing_config_file_is_named(tmp_path):
     result = _run(tmp_path / "w", config="configs/no_such_experiment.py")
     assert result.returncode == 2 and "no_such_experiment.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def _one_line_refusal(result, *expected):
+    """The run refused with exit status 2 and one line holding each of ``expected``, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0]
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("configs/does_not_exist.py", ["config file not found: ", "does_not_exist.py", "configs/default.py"]),
+    ("configs/", ["is a folder; pass a file in it, e.g. --config configs/default.py"]),
+    ("syntax_error.py", ["syntax_error.py has a syntax error at line 2"]),
+    ("raises.py", ["raises.py: NameError: name 'undefined_name' is not defined"]),
+])
+def test_a_bad_config_file_with_an_override_is_one_line(tmp_path, config, expected):
+    """With a --config.<field> override, absl loads the file while parsing the override and raised its own
+    traceback (OSError for a missing file or a folder); without one it was already a line."""
+    (tmp_path / "syntax_error.py").write_text("def get_config():\n    return (\n")
+    (tmp_path / "raises.py").write_text("def get_config():\n    return undefined_name\n")
+    path = str(tmp_path / config) if config.endswith(("syntax_error.py", "raises.py")) else config
+    for overrides in (["--config.learning_rate=0.01"], []):
+        result = _run(tmp_path / "run", *overrides, config=path)
+        _one_line_refusal(result, *expected)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file, not a folder\n")
+    for workdir, expected in ((notes, f"--workdir {notes} is a file, not a folder"),
+                              (notes / "run", f"--workdir {notes / 'run'} lies under {notes}, which is a file")):
+        _one_line_refusal(_run(workdir, "--config.learning_rate=0.01"), expected, "pass a folder's path")
+        assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # nothing written
+        assert notes.read_text() == "a file, not a folder\n"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty folder no run can write: as root (whom a folder's mode does not stop) a read-only tmpfs
+    mounted there, as the full-disk tests in test_checkpoint_failures.py mount one; otherwise a folder
+    with mode 0o555. Yields (folder, the words the error uses for it)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder, "is not writable by this user"
+        finally:
+            folder.chmod(0o755)  # so that pytest can remove it
+        return
+    if not shutil.which("mount"):
+        pytest.skip("as root only a read-only mount makes a folder unwritable, and there is no mount command")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"as root only a read-only mount makes a folder unwritable, and mounting failed: "
+                    f"{mounted.stderr.strip()}")
+    try:
+        yield folder, "is on a read-only file system"
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(read_only_folder):
+    """An existing read-only folder, and a new folder under one: refused before the dataset loads, where
+    taking the workdir's .lock raised errno 30 (or 13) as a traceback."""
+    folder, why = read_only_folder
+    for workdir in (folder, folder / "new" / "run"):
+        _one_line_refusal(_run(workdir, "--config.learning_rate=0.01"), f"--workdir {workdir}", why,
+                          "pass a --workdir in a folder you can write to")
+        assert os.listdir(folder) == []
+
+
+def test_a_write_refused_after_the_checks_is_one_line_too(tmp_path):
+    """A workdir that passed the checks but whose write is refused later (a file system remounted read-only,
+    say) ends in the same line; a refused write outside the workdir is not blamed on it."""
+    script = """
+import errno, sys
+from absl import app
+from oat_jax import main as cli
+def refused(config, workdir):
+    raise OSError(errno.EROFS, "Read-only file system", sys.argv[1])
+cli._workdir_problem = lambda workdir: None  # as if the file system turned read-only after the check
+cli.train_and_evaluate = refused
+app.run(cli.main, argv=["main", "--config", sys.argv[2], "--workdir", sys.argv[3]], flags_parser=cli._parse_flags)
+"""
+    workdir, config = tmp_path / "run", str(ROOT / "configs/default.py")
+    for path, inside in ((workdir / ".lock", True), (tmp_path / "run2" / ".lock", False)):
+        result = subprocess.run([sys.executable, "-c", script, str(path), config, str(workdir)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        if inside:
+            _one_line_refusal(result, f"--workdir {workdir} is on a read-only file system")
+        else:  # another folder whose name starts with the workdir's: not the workdir's problem
+            assert result.returncode == 1 and "OSError: [Errno 30] Read-only file system" in result.stderr
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):

@@ -529,7 +529,10 @@ def test_anchor_gradient_defaults_per_variant(variant):
 # --------------------------------------------------------------------------
 
 
-def _torch_loss_and_grad(z, y, variant, dtype_name="float64"):
+def _torch_replica(z, y, variant, dtype_name="float64", floor=False):
+    """The released code's step in torch: anchor, targets, loss (torch's MSELoss), its gradient w.r.t. z, and
+    the predictions argmax a * (z + 1) (eq. 4), as float64/int NumPy arrays. ``floor`` clamps the anchor at
+    ANCHOR_FLOOR, which the released code does not (see test_against_torch_on_extreme_inputs)."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     dtype = getattr(torch, dtype_name)
@@ -540,13 +543,25 @@ def _torch_loss_and_grad(z, y, variant, dtype_name="float64"):
     if variant == "released":
         # as released: anchor from softmaxed outputs, targets NOT detached
         a = F.softmax(torch.mean(F.softmax(zt, 1), 0), 0)
-        t = onehot / a - 1
     else:
         a = F.softmax(torch.mean(zt, 0), 0)
-        t = (onehot / a - 1).detach()
+    if floor:
+        a = torch.clamp(a, min=ANCHOR_FLOOR)
+    t = onehot / a - 1
+    if variant == "paper":
+        t = t.detach()
     loss = torch.nn.MSELoss()(zt, t)
     loss.backward()
-    return float(loss.detach()), zt.grad.detach().numpy().astype(np.float64)
+    with torch.no_grad():
+        predict = torch.argmax(a[None, :] * (zt + 1), dim=1)
+    return {"anchor": a.detach().numpy().astype(np.float64), "targets": t.detach().numpy().astype(np.float64),
+            "loss": float(loss.detach()), "grad": zt.grad.detach().numpy().astype(np.float64),
+            "predict": predict.numpy()}
+
+
+def _torch_loss_and_grad(z, y, variant, dtype_name="float64"):
+    replica = _torch_replica(z, y, variant, dtype_name)
+    return replica["loss"], replica["grad"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -566,6 +581,62 @@ def test_against_torch_released_code(variant, shape):
     # our NumPy reference agrees with torch too
     close(ref_loss(z, y, variant), loss_t, rtol=1e-10)
     np.testing.assert_allclose(ref_grad(z, y, variant, variant == "released"), grad_t, rtol=1e-8, atol=1e-12)
+
+
+def _check_against_torch(out, replica, rows=None):
+    """A run_all result against the torch replica of its real rows (``rows``: their mask in a padded batch)."""
+    rows = np.ones(len(out["predict"]), bool) if rows is None else rows
+    close(out["anchor"], replica["anchor"], rtol=1e-5, atol=1e-7)
+    close(out["targets"][rows], replica["targets"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["predict"][rows], replica["predict"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(1, 3), (4, 5)])
+@pytest.mark.parametrize("garbage", [100.0, 3e38])
+def test_against_torch_on_masked_batches(variant, shape, garbage):
+    """The released code has no mask: a padded batch is, to it, the batch of its real rows. Ours, given the
+    padded batch (padding of +-100, or up to +-3e38 where (z - t)^2 overflows) and its mask, gives that batch's
+    anchor, targets, loss and predictions, its gradient on the real rows, and none on the padding."""
+    pytest.importorskip("torch")
+    B, C = shape
+    z, y = make_batch(400 + B * C, B, C)
+    zp, yp, mask = pad_batch(z, y, seed=400 + B * C, garbage=garbage)
+    out = run_all(zp, yp, variant, where=mask)
+    replica = _torch_replica(z, y, variant)
+    _check_against_torch(out, replica, mask)
+    close(out["loss_default"], replica["loss"], rtol=1e-4)
+    grad_close(out["grad_default"][mask], replica["grad"])
+    np.testing.assert_array_equal(out["grad_default"][~mask], 0.0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_against_torch_on_extreme_inputs(variant):
+    """Outputs at float32's limits (+-3e38, +-3.4e38) and outputs so spread that the paper's anchor underflows,
+    against the released code in float64, where these values are exact and nothing overflows. The released
+    code has no anchor floor: where the paper's anchor underflows, its targets 1/a - 1 are inf in float32 (its
+    loss NaN); the replica applies ours (it never acts on the released anchor, which is >= 1/(e*C)).
+
+    Where the loss itself exceeds float32's range, ours is inf, as the released code's is in float32; the
+    released variant's gradient then overflows too (through 1/a^2, in the released code as well), so it is
+    compared where the loss is finite. The paper variant's constant-target gradient is compared everywhere."""
+    pytest.importorskip("torch")
+    batches = [(z, (np.arange(len(z)) % z.shape[1]).astype(np.int32)) for z in _extreme_batches()]
+    for z, y in batches + _spread_batches():
+        out = run_all(z, y, variant)
+        replica = _torch_replica(z, y, variant, floor=True)
+        _check_against_torch(out, replica)
+        if replica["loss"] <= float(F32MAX):
+            close(out["loss_default"], replica["loss"], rtol=1e-4)
+        else:
+            assert out["loss_default"] == np.inf, (z, out["loss_default"])
+        if variant == "paper" or np.isfinite(out["loss_default"]):
+            grad_close(out["grad_default"], replica["grad"])
+    # the spread batches do reach the floor in the paper variant, where the released code's float32 loss is NaN
+    if variant == "paper":
+        z, y = _spread_batches()[1]
+        assert np.isnan(_torch_replica(z, y, variant, "float32")["loss"])
+        assert np.isfinite(run_all(z, y, variant)["loss_default"])
 
 
 # --------------------------------------------------------------------------

@@ -160,3 +160,26 @@ def test_the_accuracy_figure_draws_every_arm_from_the_pretraining(tmp_path):
     # The pre-training's epoch 1 (60 %), then the arm's epochs 2 and 3 (70 %, 80 %), as logged.
     np.testing.assert_array_equal(lines["square loss"].get_xdata(), [1, 2, 3])
     np.testing.assert_array_equal(lines["square loss"].get_ydata(), [60.0, 70.0, 80.0])
+
+
+def test_the_anchor_range_axes_show_plain_values(tmp_path):
+    """Values that differ only in their last digits (the released anchor's largest targets, 10.07 to 10.12 for
+    C = 10; its entries, about 1/C) are labelled as they are, not as ticks 0.009 under an offset "+1.007e1"."""
+    run = plots.load_run(str(_fake_run(tmp_path / "run", seeds=(0,))))
+    for record in run.records:
+        if record["arm"] == "oat":
+            record["max_target"] = 10.07 + 0.003 * record["epoch"]
+        if "anchor" in record:
+            record["anchor_min"], record["anchor_max"] = 0.2491 + 1e-5 * record["epoch"], 0.2512
+    fig = plots.anchor_range_figure(run)
+    fig.draw_without_rendering()  # the formatters choose their offset when the ticks are drawn
+    anchor_ax, target_ax = fig.axes
+    assert target_ax.get_ylabel() == "largest |target|"
+    for ax in (anchor_ax, target_ax):
+        formatter = ax.yaxis.get_major_formatter()
+        assert formatter.get_offset() == "", (ax.get_ylabel(), formatter.get_offset())
+        labels = [label.get_text() for label in ax.get_yticklabels() if label.get_text()]
+        assert labels and all("e" not in text for text in labels), labels
+    target_labels = [float(label.get_text().replace("−", "-")) for label in target_ax.get_yticklabels()
+                     if label.get_text()]
+    assert 10.0 < min(target_labels) and max(target_labels) < 10.1  # the values themselves, not their last digits

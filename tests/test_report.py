@@ -370,3 +370,18 @@ def test_the_sweep_section_lists_each_arms_choice(tmp_path, capsys):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.main([str(run), "--sweep", str(tmp_path / "nothing")]) == 2
     assert "no readable selection.json" in capsys.readouterr().err
+
+
+def test_accuracy_by_epoch_pools_seeds_and_labels_the_oracle(tmp_path, capsys):
+    run = _fake_run(tmp_path / "r", None, None, [70.0, 71.0], [72.0, 73.0], config=_config(num_epochs=3))
+    lines = [{"arm": "pretrain", "epoch": 1, "seed": s, "test_accuracy": 50.0 + s} for s in (0, 1)]
+    lines += [{"arm": arm, "epoch": e, "seed": s, "test_accuracy": base + 10 * e + s}
+              for arm, base in (("ce", 40.0), ("oat", 45.0)) for e in (2, 3) for s in (0, 1)]
+    lines.append({"arm": "oat", "epoch": 3, "seed": 0, "event": "diverged"})  # events are not epochs
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert report.main([str(run), "--by-epoch", "1,3"]) == 0
+    out = capsys.readouterr().out
+    assert "each seed's epoch of highest test accuracy, is an oracle" in out
+    # ce's history starts with the pre-training (50.5 at epoch 1); oat has no epoch 1.
+    assert "| ce | 50.50 | 70.50 | 3–3 |" in out and "| oat | – | 75.50 | 3–3 |" in out
+    assert report.main([str(run), "--by-epoch", "x"]) == 2
