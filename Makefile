@@ -17,7 +17,7 @@ endif
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test install python-version study tuned-study
+.PHONY: run test install python-version study tuned-study longtail-study
 
 run: install
 	$(PYTHON) -m oat_jax.main --config configs/default.py --workdir runs/default
@@ -76,3 +76,13 @@ tuned-study: install
 	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_tuned.py --grid $(TUNED_GRID) --seeds 100 \
 	  --out $(TUNED)/stage1 --parallel 1 --prune
 	$(PYTHON) -m oat_jax.sweep confirm $(TUNED)/stage1 --seeds 200-209 --parallel 1 --prune
+
+# The long-tailed study (README, "Class imbalance"): learning rates tuned on balanced validation accuracy (seed
+# 100), then each arm at its choice on ten fresh seeds; resumable like the tuned study.
+LONGTAIL := results/fashion_mnist_longtail
+LONGTAIL_GRID ?= learning_rate=0.001,0.003,0.01
+
+longtail-study: install
+	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_longtail.py --grid $(LONGTAIL_GRID) --seeds 100 \
+	  --out $(LONGTAIL)/stage1 --parallel 1 --prune
+	$(PYTHON) -m oat_jax.sweep confirm $(LONGTAIL)/stage1 --seeds 200-209 --parallel 1 --prune

@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.square_k = 1.0            # the "square" arm: weight k of the label's term (Hui & Belkin)
     config.square_m = 1.0            # the "square" arm: target M of the label's output
     config.label_smoothing = 0.1     # the "ce_smooth" arm: optax.smooth_labels' alpha
+    config.logit_adjustment_tau = 1.0  # the "ce_logit_adjusted" arm: cross-entropy on z + tau * log(prior)
     config.anchor_gradient = config_dict.placeholder(bool)  # None = the variant's own behaviour
     config.seed = 0                  # initialisation and the per-epoch data order
     config.num_seeds = 1             # replicas trained side by side in one program, seeds seed..seed+K-1
@@ -55,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.validation_size = 0.0     # training samples held out for validation, stratified by class: a count,
                                      # or a fraction below 1 (0 = none, the paper's protocol)
     config.validation_seed = 0       # which samples are held out; apart from seed, so every seed holds out the same
+    config.train_imbalance = 1.0     # long-tailed training set: n_max / n_min of an exponential profile over the
+                                     # labels in order (1 = unchanged); drawn after the validation split
+    config.imbalance_seed = 0        # which images each class keeps under train_imbalance
     config.fused_epoch = config_dict.placeholder(bool)  # one compiled loop per epoch, data on the device;
                                      # None = on accelerators, off on XLA:CPU (slower there: oat_jax.experiment)
     config.anchor_scope = "global"   # on several devices: "global" = the anchor of the whole batch, as on one
@@ -188,6 +192,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(math.isfinite(size) and size >= 0 and (size < 1 or size == int(size)),
             f"validation_size must be 0 (none), a fraction below 1 or a whole count, got {size}")
     require(config.validation_seed >= 0, f"validation_seed must be non-negative, got {config.validation_seed}")
+    require(math.isfinite(config.train_imbalance) and config.train_imbalance >= 1,
+            f"train_imbalance must be a ratio n_max / n_min of at least 1 (1 = balanced), got {config.train_imbalance}")
+    require(config.imbalance_seed >= 0, f"imbalance_seed must be non-negative, got {config.imbalance_seed}")
+    require(math.isfinite(config.logit_adjustment_tau) and config.logit_adjustment_tau >= 0,
+            f"logit_adjustment_tau must be a finite non-negative number, got {config.logit_adjustment_tau}")
 
 
 def arms_of(config) -> list[str]:

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from oat_jax import config_schema, data, input_pipeline, models, sharding, steps
+from oat_jax.data import longtail
 from oat_jax import state as state_lib
 from oat_jax.objectives import LossSettings
 
@@ -56,6 +57,7 @@ def fused_epochs(config) -> bool:
 class Experiment:
     config: Any
     dataset: data.Dataset
+    prior: np.ndarray  # the training set's class frequencies π (C,), the same for every arm
     mean: np.ndarray
     std: np.ndarray
     mesh: Any  # jax.sharding.Mesh over all devices, None on one device
@@ -78,6 +80,7 @@ class Experiment:
             dataset = data.load_dataset(config.dataset, config.data_dir, config.train_limit, config.test_limit,
                                         image_size=config.image_size)
         dataset = data.hold_out_validation(dataset, config.validation_size, config.validation_seed)
+        dataset = data.apply_long_tail(dataset, config.train_imbalance, config.imbalance_seed)
         check_inputs(config, dataset)
         model = state_lib.cached_model(config.model, dataset.num_classes, config.dropout_rate)
         mean, std = normalisation_statistics(config, dataset)
@@ -85,9 +88,11 @@ class Experiment:
         # A fused epoch gathers its batches on the devices: every device holds the whole training set.
         on_device = (sharding.place_states((dataset.train_images, dataset.train_labels), mesh)
                      if fused_epochs(config) else None)
+        prior = longtail.class_prior(dataset.train_labels, dataset.num_classes)
         settings = LossSettings(config.variant, config.anchor_gradient, sharding.anchor_groups(config, mesh),
-                                config.square_k, config.square_m, config.label_smoothing)
-        return cls(config, dataset, mean, std, mesh, state_lib.replica_seeds(config),
+                                config.square_k, config.square_m, config.label_smoothing,
+                                tuple(float(p) for p in prior), config.logit_adjustment_tau)
+        return cls(config, dataset, prior, mean, std, mesh, state_lib.replica_seeds(config),
                    config_schema.arms_of(config), template, on_device,
                    functools.partial(steps.train_step_replicas, mean=mean, std=std, settings=settings),
                    functools.partial(steps.train_steps_on_device, mean=mean, std=std, settings=settings,

@@ -25,6 +25,8 @@ class LossSettings(NamedTuple):
     square_k: float = 1.0
     square_m: float = 1.0
     label_smoothing: float = 0.1
+    prior: tuple[float, ...] | None = None  # the training set's class frequencies π (None: uniform)
+    logit_adjustment_tau: float = 1.0
 
 
 class Objective(NamedTuple):
@@ -51,12 +53,38 @@ def oat_paper(outputs, labels, mask, settings: LossSettings):
     return oat.grouped_oat_loss(outputs, labels, mask, groups=settings.anchor_groups, variant="paper")
 
 
+def _fixed_anchor_loss(outputs, labels, mask, anchor):
+    """OAT's squared error against onehot(y) / anchor - 1 with a fixed ``anchor`` (C,) instead of the batch's."""
+    targets = oat.oat_targets(labels, anchor, outputs.shape[-1])
+    return jnp.where(mask, jnp.mean(jnp.square(outputs - targets), axis=-1), 0.0)
+
+
 def oat_uniform(outputs, labels, mask, settings: LossSettings):
     """OAT's loss with the anchor fixed at the uniform 1/C: targets C·onehot(y) - 1. Only the online anchor is
     taken away (the same targets function and squared error as ``oat.oat_loss``)."""
     classes = outputs.shape[-1]
-    targets = oat.oat_targets(labels, jnp.full((classes,), 1.0 / classes, outputs.dtype), classes)
-    return jnp.where(mask, jnp.mean(jnp.square(outputs - targets), axis=-1), 0.0)
+    return _fixed_anchor_loss(outputs, labels, mask, jnp.full((classes,), 1.0 / classes, outputs.dtype))
+
+
+def _prior(settings: LossSettings, outputs):
+    """The training prior π (C,) as the outputs' dtype; uniform where the settings carry none."""
+    classes = outputs.shape[-1]
+    if settings.prior is None:
+        return jnp.full((classes,), 1.0 / classes, outputs.dtype)
+    return jnp.asarray(settings.prior, outputs.dtype)
+
+
+def oat_prior(outputs, labels, mask, settings: LossSettings):
+    """OAT's loss with the anchor fixed at softmax(π): what the released anchor, softmax(mean softmax z), would
+    be if the network's mean softmax output equalled the training prior π. Decoded by argmax."""
+    return _fixed_anchor_loss(outputs, labels, mask, jax.nn.softmax(_prior(settings, outputs)))
+
+
+def logit_adjusted_cross_entropy(outputs, labels, mask, settings: LossSettings):
+    """Cross-entropy on z + τ·log π (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021), τ =
+    ``logit_adjustment_tau``; decoded by argmax of z itself, which then corrects for the prior."""
+    adjusted = outputs + settings.logit_adjustment_tau * jnp.log(_prior(settings, outputs))
+    return cross_entropy(adjusted, labels, mask, settings)
 
 
 def square(outputs, labels, mask, settings: LossSettings):
@@ -82,6 +110,9 @@ OBJECTIVES: dict[str, Objective] = {
     "oat_uniform": Objective(oat_uniform, decode="argmax", uses_anchor=False),
     "square": Objective(square, decode="argmax", uses_anchor=False),
     "ce_smooth": Objective(smoothed_cross_entropy, decode="argmax", uses_anchor=False),
+    # Class imbalance: a prior correction by the fixed training prior, against OAT's online one.
+    "ce_logit_adjusted": Objective(logit_adjusted_cross_entropy, decode="argmax", uses_anchor=False),
+    "oat_prior": Objective(oat_prior, decode="argmax", uses_anchor=False),
 }
 
 # The arm that continues the shared pre-training (itself cross-entropy) has this objective.

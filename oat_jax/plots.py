@@ -391,9 +391,45 @@ def eval_batch_size_figure(run: Run, results: dict, sizes) -> Figure:
     return fig
 
 
+def anchor_prior_figure(run: Run) -> Figure:
+    """On an imbalanced training set: OAT's epoch-mean anchor beside the training prior π, per class (left:
+    its first, middle and last epochs of seed 0, with π and softmax(π), the anchor that ``oat_prior`` fixes),
+    and each arm's correlation of anchor and prior over epochs (right)."""
+    records = [r for r in run.records if r.get("train_prior")]
+    if not records:
+        raise Skip("the training set is balanced: its prior is uniform (train_imbalance = 1)")
+    prior = np.array(records[0]["train_prior"])
+    fig = _figure(4.5)
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    classes = np.arange(len(prior))
+    left.bar(classes, prior, color="0.85", label="training prior π")
+    softmax = np.exp(prior) / np.exp(prior).sum()
+    left.plot(classes, softmax, "k--", linewidth=1, label="softmax(π) (oat_prior's anchor)")
+    arm = "oat" if any(r["arm"] == "oat" for r in records) else records[-1]["arm"]
+    own = sorted((r for r in records if r["arm"] == arm and r["seed"] == records[0]["seed"]), key=lambda r: r["epoch"])
+    picks = {own[0]["epoch"]: own[0], own[len(own) // 2]["epoch"]: own[len(own) // 2], own[-1]["epoch"]: own[-1]}
+    for shade, (epoch, record) in zip((0.3, 0.6, 1.0), picks.items()):
+        left.plot(classes, record["anchor"], "o-", color=COLOURS.get(arm, "C1"), alpha=shade, markersize=4,
+                  label=f"{NAMES.get(arm, arm)} mean anchor, epoch {epoch}")
+    left.axhline(1 / len(prior), color="0.5", linewidth=0.8, linestyle=":", label="uniform 1/C")
+    left.set_xticks(classes)
+    left.set_xlabel("class (label order: most to least frequent)")
+    left.set_ylabel("probability")
+    left.legend(fontsize=8)
+    for number, name in enumerate(dict.fromkeys(r["arm"] for r in records)):
+        x, values = _by_epoch([r for r in records if r["arm"] == name], "anchor_prior_correlation")
+        _band(right, x, values, COLOURS.get(name, f"C{number}"), NAMES.get(name, name))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_xlabel("epoch")
+    right.set_ylabel("correlation of mean anchor and π")
+    right.legend(fontsize=8)
+    fig.suptitle(f"The anchor against the training prior — {run.subtitle()}")
+    return fig
+
+
 FIGURES = (("accuracy.png", accuracy_figure), ("anchor_heatmap.png", anchor_heatmap_figure),
            ("anchor_entropy.png", anchor_entropy_figure), ("prediction_share.png", prediction_share_figure),
-           ("anchor_range.png", anchor_range_figure))
+           ("anchor_range.png", anchor_range_figure), ("anchor_prior.png", anchor_prior_figure))
 
 
 def _save(fig: Figure, path: str) -> None:

@@ -113,16 +113,18 @@ def run_rule(workdir: str) -> str:
     return workdir_lib.selection_rule(*(result.get("seeds", {}) for result in summary.get("arms", {}).values()))
 
 
-def load_run(workdir: str, select: str = workdir_lib.SELECT_FINAL) -> Run:
-    """The run in ``workdir``, each seed's accuracy read under the rule ``select`` (the final epoch, or the
-    validation-selected one); WorkdirError saying why it cannot be reported."""
+def load_run(workdir: str, select: str = workdir_lib.SELECT_FINAL, metric: str = "") -> Run:
+    """The run in ``workdir``, each seed's accuracy (or ``metric``: "balanced", "few") read under the rule
+    ``select`` (the final epoch, or the validation-selected one); WorkdirError saying why it cannot be
+    reported."""
     if not os.path.isdir(workdir):
         raise WorkdirError("not a folder")
     summary, config = workdir_lib.read_summary(workdir), workdir_lib.read_config(workdir)
     if select == workdir_lib.SELECT_VALIDATION and run_rule(workdir) != select:
         raise WorkdirError("it has no validation split to select an epoch on; report it with --select final")
     try:
-        accuracies = {arm: {seed: float(value) for seed, value in workdir_lib.scores(result["seeds"], select).items()}
+        accuracies = {arm: {seed: float(value) for seed, value in workdir_lib.scores(result["seeds"], select,
+                                                                                     metric).items()}
                       for arm, result in summary.get("arms", {}).items()}
         if not any(accuracies.values()) and any(result["seeds"] for result in summary.get("arms", {}).values()):
             raise KeyError(select)
@@ -136,12 +138,13 @@ def load_run(workdir: str, select: str = workdir_lib.SELECT_FINAL) -> Run:
     return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings, selected, workdir)
 
 
-def load_runs(workdirs: list[str], select: str = workdir_lib.SELECT_FINAL) -> tuple[list[Run], list[str]]:
+def load_runs(workdirs: list[str], select: str = workdir_lib.SELECT_FINAL,
+              metric: str = "") -> tuple[list[Run], list[str]]:
     """The reportable runs, and for each other workdir a line saying why it is skipped."""
     runs, skipped = [], []
     for workdir in workdirs:
         try:
-            runs.append(load_run(workdir, select))
+            runs.append(load_run(workdir, select, metric))
         except WorkdirError as e:
             skipped.append(f"{workdir}: {e}")
     return runs, skipped
@@ -213,11 +216,15 @@ class Comparing:
     select: str = workdir_lib.SELECT_FINAL
     contrasts: list[tuple[str, str]] | None = None
     margin: float = 0.3
+    metric: str = ""  # "" = test accuracy; "balanced" or "few" (``workdir.METRICS``)
 
     @property
     def score(self) -> str:
-        return ("test accuracy at the validation-selected epoch (each seed's epoch of highest validation "
-                "accuracy)" if self.select == workdir_lib.SELECT_VALIDATION else "final-epoch test accuracy")
+        what = {"": "test accuracy", "balanced": "balanced test accuracy (the mean of the classes' accuracies)",
+                "few": "test accuracy of the least frequent third of the training classes"}[self.metric]
+        return (f"{what} at the validation-selected epoch (each seed's epoch of highest validation accuracy, "
+                "balanced where the training set is imbalanced)" if self.select == workdir_lib.SELECT_VALIDATION
+                else f"final-epoch {what}")
 
 
 def format_markdown(cells: list[Cell], comparing: Comparing = Comparing()) -> str:
@@ -265,7 +272,7 @@ def _decodings(cells: list[Cell]) -> list[str]:
 
 # OAT's controls (README, "Does the anchor matter?"): each removes one thing from OAT, so OAT minus the
 # control, paired by seed, is what that thing is worth.
-_CONTROLS = ("oat_uniform", "square", "ce_smooth")
+_CONTROLS = ("oat_uniform", "square", "ce_smooth", "oat_prior", "ce_logit_adjusted")
 
 
 def paired_results(cell: Cell) -> list[tuple[str, str, dict, list[float]]]:
@@ -439,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: validation where every run has a validation split, else final)")
     parser.add_argument("--contrasts", metavar="ARM-REF,...",
                         help="the comparisons of Holm's family, e.g. oat-ce,oat-ce_smooth (default: all of a row's)")
+    parser.add_argument("--metric", choices=("accuracy", *workdir_lib.METRICS), default="accuracy",
+                        help="each seed's score: test accuracy, balanced accuracy (the mean of the classes'), or "
+                             "the least frequent third's accuracy (imbalanced training sets)")
     parser.add_argument("--margin", type=float, default=0.3,
                         help="equivalence margin in accuracy points (default 0.3)")
     parser.add_argument("--sweep", metavar="FOLDER",
@@ -463,14 +473,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --margin must be a positive number of points, got {args.margin}", file=sys.stderr)
         return 2
     select = args.select or _default_rule(args.workdirs)
-    runs, skipped = load_runs(args.workdirs, select)
+    metric = "" if args.metric == "accuracy" else args.metric
+    runs, skipped = load_runs(args.workdirs, select, metric)
     if not runs:  # one line, whatever the number of folders
         print(f"error: nothing to report: {'; '.join(skipped)}", file=sys.stderr)
         return 2
     for line in skipped:  # runs/* may hold an unfinished run: report the others
         print(f"note: skipping {line}", file=sys.stderr)
     cells = collect(runs, tuple(selection["grid"]) if selection else ())
-    text = format_markdown(cells, Comparing(select, contrasts, args.margin))
+    text = format_markdown(cells, Comparing(select, contrasts, args.margin, metric))
     if args.by_epoch:
         try:
             epochs = [int(epoch) for epoch in args.by_epoch.split(",")]

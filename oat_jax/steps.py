@@ -193,6 +193,8 @@ def _correct(state, images, labels, mask, train_anchor, mean, std, variant, deco
         predicted = predictions[name]()
         counts[name] = jnp.sum(mask & (predicted == labels))
         counts[f"{name}_per_class"] = jnp.sum(jax.nn.one_hot(predicted, outputs.shape[-1]) * mask[:, None], axis=0)
+        counts[f"{name}_correct_per_class"] = jnp.sum(  # by true class: each class's recall
+            jax.nn.one_hot(labels, outputs.shape[-1]) * (mask & (predicted == labels))[:, None], axis=0)
     if objective is not None:  # the objective's loss summed over the real rows (OAT's with this batch's anchor)
         losses = objectives.get(objective).loss(outputs, labels, mask, settings)
         counts["loss_sum"] = jnp.sum(jnp.where(mask, losses, 0.0))
@@ -211,8 +213,9 @@ def eval_step_replicas(states, images, labels, masks, train_anchors, mean, std, 
     for each decoding in ``decodes`` (of ``DECODES``): "argmax" of the outputs (the uniform anchor's
     decoding); "anchor" = argmax of a * (z + 1) with the test batch's own anchor a (OAT's, eq. 4); "single"
     with each sample's own anchor, as in a batch of one; "train_anchor" with ``train_anchors`` (K, C), the
-    replica's mean training anchor. The anchors are of ``variant``. Counts of shape (K,), and under
-    "<decode>_per_class" the number of predictions of each class (K, C). With ``objective``, also its loss
+    replica's mean training anchor. The anchors are of ``variant``. Counts of shape (K,), under
+    "<decode>_per_class" the number of predictions of each class (K, C), and under "<decode>_correct_per_class"
+    the correct ones by true class (K, C). With ``objective``, also its loss
     summed over the real rows, "loss_sum" (K,)."""
     correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes,
                                 objective=objective, settings=settings)

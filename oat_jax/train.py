@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from oat_jax import dispatch, distributed, oat, objectives, sharding, steps
 from oat_jax import workdir as workdir_lib
 from oat_jax.checkpoints import ArmCheckpoints, ResumePoint
+from oat_jax.data import longtail
 from oat_jax.experiment import Experiment
 from oat_jax.tensorboard import TensorBoardLog
 from oat_jax.workdir import MetricsLog, WorkdirBusy, WorkdirMismatch, hold_lock, summarise, write_json
@@ -162,31 +164,65 @@ def evaluate_in_detail(exp: Experiment, states, decodes: tuple[str, ...] = ("arg
     total = len(exp.dataset.test_labels)
     accuracies = {name: [100.0 * int(c) / total for c in totals[name]] for name in decodes}
     shares = {name: totals[f"{name}_per_class"] / total for name in decodes}
-    return accuracies, shares
+    recalls = {name: _recalls(totals[f"{name}_correct_per_class"], exp.dataset.test_labels, exp.num_classes)
+               for name in decodes}
+    return Evaluation(accuracies, shares, recalls)
 
 
-def evaluate_validation(exp: Experiment, states, objective: str) -> tuple[list[float], list[float]]:
-    """Each replica's accuracy (%) on the validation split by ``objective``'s own decoding, and its mean loss
-    there (OAT's with each validation batch's anchor)."""
+class Evaluation(NamedTuple):
+    """A held-out set's figures per decoding: each replica's accuracy (%), its share of predictions per
+    class (K, C), and its accuracy (%) on each true class (K, C; NaN for a class with no sample)."""
+    accuracies: dict[str, list[float]]
+    shares: dict[str, np.ndarray]
+    recalls: dict[str, np.ndarray]
+
+
+def _recalls(correct_per_class: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, 100.0 * correct_per_class / counts, np.nan)
+
+
+def evaluate_validation(exp: Experiment, states, objective: str) -> list[dict]:
+    """Each replica's figures on the validation split by ``objective``'s own decoding: its accuracy (%), its
+    balanced accuracy (the mean of the classes' accuracies, %) and its mean loss there (OAT's with each
+    validation batch's anchor)."""
     decode = objectives.get(objective).decode
     totals = _held_out_counts(exp, states, exp.validation_batches(exp.config.eval_batch_size), _uniform_anchors(exp),
                               "validation", decodes=(decode,), objective=objective,
                               variant=objectives.get(objective).variant or exp.config.variant)
-    total = len(exp.dataset.validation_labels)
-    return [100.0 * int(c) / total for c in totals[decode]], [float(loss) / total for loss in totals["loss_sum"]]
+    labels = exp.dataset.validation_labels
+    recalls = _recalls(totals[f"{decode}_correct_per_class"], labels, exp.num_classes)
+    return [{"val_accuracy": 100.0 * int(correct) / len(labels), "val_balanced_accuracy": float(np.nanmean(recall)),
+             "val_loss": float(loss) / len(labels)}
+            for correct, recall, loss in zip(totals[decode], recalls, totals["loss_sum"])]
 
 
 def evaluate(exp: Experiment, states, decodes: tuple[str, ...] = ("argmax", "anchor"),
              batch_size: int | None = None, variant: str | None = None) -> dict[str, list[float]]:
     """Test accuracy (%) of each replica per decoding: {decode: [accuracy of replica k]}."""
-    return evaluate_in_detail(exp, states, decodes, batch_size, variant)[0]
+    return evaluate_in_detail(exp, states, decodes, batch_size, variant).accuracies
 
 
 # metrics.jsonl's names of the decodings every epoch is evaluated with (README, "Decoding").
 _DECODE_NAMES = {"anchor": "batch", "single": "single", "train_anchor": "train_anchor", "argmax": "uniform"}
 
 
-def _epoch_records(exp: Experiment, arm, epoch, objective, metrics, accuracies, shares, seconds,
+def _class_figures(exp: Experiment, recalls: np.ndarray, anchor: list[float]) -> dict:
+    """An epoch's figures by class: the test accuracy of each class (by the arm's decoding), their mean (the
+    balanced accuracy) and the means over the classes in thirds by training frequency; on an imbalanced
+    training set, also the training prior and its correlation with the epoch's mean anchor."""
+    figures = {"test_accuracy_per_class": [None if np.isnan(r) else float(r) for r in recalls],
+               "test_balanced_accuracy": float(np.nanmean(recalls))}
+    for group, classes in longtail.frequency_groups(exp.prior).items():
+        figures[f"test_accuracy_{group}"] = float(np.nanmean(recalls[classes])) if len(classes) else None
+    if np.ptp(exp.prior) > 1e-3 / exp.num_classes:  # a prior that is not (nearly) uniform
+        figures["train_prior"] = [float(p) for p in exp.prior]
+        figures["anchor_prior_correlation"] = float(np.corrcoef(anchor, exp.prior)[0, 1])
+    return figures
+
+
+def _epoch_records(exp: Experiment, arm, epoch, objective, metrics, evaluation: Evaluation, seconds,
                    compile_seconds) -> list[dict]:
     """The lines of metrics.jsonl of one epoch, one per seed: its loss and accuracy (by the objective's own
     decoding, and by each of ``_DECODE_NAMES``), and the telemetry of its anchors (the cross-entropy arms
@@ -197,11 +233,12 @@ def _epoch_records(exp: Experiment, arm, epoch, objective, metrics, accuracies, 
     for k, seed in enumerate(exp.seeds):
         rows = float(metrics["rows"][k])
         anchor = metrics["anchor_sum"][k] / rows
+        accuracies = evaluation.accuracies
         record = {"arm": arm, "epoch": epoch, "seed": seed, "objective": objective,
                   "train_loss": float(metrics["loss_sum"][k] / rows), "test_accuracy": accuracies[decode][k],
                   "test_accuracy_by_decode": {name: accuracies[key][k] for key, name in _DECODE_NAMES.items()},
                   "epoch_seconds": seconds, "compile_seconds": compile_seconds, "anchor": [float(a) for a in anchor],
-                  "prediction_share": [float(p) for p in shares[decode][k]],
+                  "prediction_share": [float(p) for p in evaluation.shares[decode][k]],
                   "step_anchors": [{"step": int(step) + 1,
                                     "anchor": [float(a) for a in metrics["sampled_anchors"][k, i]]}
                                    for step, i in zip(sampled, first)]}
@@ -243,14 +280,15 @@ def _run_arm(exp: Experiment, states, arm, objective, first_epoch, checkpoints, 
             if len(ended) == len(exp.seeds):
                 return None
         train_anchors = metrics["anchor_sum"] / metrics["rows"][:, None]
-        accuracies, shares = evaluate_in_detail(exp, states, steps.DECODES, variant=variant,
-                                                train_anchors=train_anchors)
+        evaluation = evaluate_in_detail(exp, states, steps.DECODES, variant=variant, train_anchors=train_anchors)
         validation = evaluate_validation(exp, states, objective) if exp.has_validation else None
-        records = _epoch_records(exp, arm, epoch, objective, metrics, accuracies, shares,
+        records = _epoch_records(exp, arm, epoch, objective, metrics, evaluation,
                                  time.perf_counter() - started, _compiling[0] - compiled)
-        if validation is not None:
-            for record, accuracy, loss in zip(records, *validation):
-                record.update(val_accuracy=accuracy, val_loss=loss)
+        for k, record in enumerate(records):
+            record.update(_class_figures(exp, evaluation.recalls[objectives.get(objective).decode][k],
+                                         record["anchor"]))
+            if validation is not None:
+                record.update(validation[k])
         records = [record for k, record in enumerate(records) if k not in ended]
         # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
         for record in records:
@@ -429,11 +467,14 @@ def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> 
             manager.close()
         if log.mirror is not None:
             log.mirror.close()
-    summary = summarise(log.records(), exp.arms, config.paper.to_dict(), log.divergences())
+    # On an imbalanced training set the stopping rule reads the balanced validation accuracy.
+    summary = summarise(log.records(), exp.arms, config.paper.to_dict(), log.divergences(),
+                        "val_balanced_accuracy" if config.train_imbalance > 1 else "val_accuracy")
     summary["dataset"] = {"name": exp.dataset.name, "source": exp.dataset.source,
                           "train_samples": len(exp.dataset.train_labels), "test_samples": len(exp.dataset.test_labels)}
     if exp.has_validation:
         summary["dataset"]["validation_samples"] = len(exp.dataset.validation_labels)
+    summary["dataset"]["train_class_counts"] = np.bincount(exp.dataset.train_labels, minlength=exp.num_classes).tolist()
     if distributed.is_primary():
         write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     return summary

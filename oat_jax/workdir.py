@@ -270,21 +270,36 @@ def read_lines(path: str) -> list[dict]:
 # How a seed's score is read off its epochs: at the epoch of highest validation accuracy, or at the last.
 SELECT_VALIDATION, SELECT_FINAL = "validation", "final"
 SCORE_FIELDS = {SELECT_VALIDATION: "test_accuracy_at_selected_epoch", SELECT_FINAL: "final_test_accuracy"}
+# Scores besides the plain test accuracy (``scores``' ``metric``): the mean of the classes' accuracies, and the
+# mean over the least frequent third of the training classes; each from the record field beside it.
+METRICS = {"balanced": "test_balanced_accuracy", "few": "test_accuracy_few"}
 
 
-def _arm_summary(history: list[dict]) -> dict:
+def score_field(rule: str, metric: str = "") -> str:
+    """The seed summary's field of ``metric`` ("" = test accuracy, or a key of METRICS) under ``rule``."""
+    return SCORE_FIELDS[rule] if not metric else (f"final_{metric}_test_accuracy" if rule == SELECT_FINAL
+                                                 else f"{metric}_test_accuracy_at_selected_epoch")
+
+
+def _arm_summary(history: list[dict], select_on: str = "val_accuracy") -> dict:
     """One seed's figures. The oracle's best epoch is picked by test accuracy: it is shown, never compared.
-    With a validation split, ``selected_epoch`` is the epoch of highest validation accuracy (the earlier on a
-    tie), and ``test_accuracy_at_selected_epoch`` its test accuracy."""
+    With a validation split, ``selected_epoch`` is the epoch of highest ``select_on`` (validation accuracy, or
+    balanced accuracy on an imbalanced training set; the earlier epoch on a tie), and
+    ``test_accuracy_at_selected_epoch`` its test accuracy."""
     best = max(history, key=lambda r: (r["test_accuracy"], -r["epoch"]))
     result = {"final_test_accuracy": history[-1]["test_accuracy"], "final_epoch": history[-1]["epoch"],
               "oracle_best_test_accuracy": best["test_accuracy"], "oracle_best_epoch": best["epoch"]}
-    validated = [r for r in history if "val_accuracy" in r]
+    result.update({score_field(SELECT_FINAL, metric): history[-1][field] for metric, field in METRICS.items()
+                   if history[-1].get(field) is not None})
+    validated = [r for r in history if select_on in r]
     if validated:
-        selected = max(validated, key=lambda r: (r["val_accuracy"], -r["epoch"]))
-        result.update(selected_epoch=selected["epoch"], selected_val_accuracy=selected["val_accuracy"],
+        selected = max(validated, key=lambda r: (r[select_on], -r["epoch"]))
+        result.update(selected_epoch=selected["epoch"], selected_on=select_on,
+                      selected_val_accuracy=selected[select_on],
                       test_accuracy_at_selected_epoch=selected["test_accuracy"],
-                      final_val_accuracy=history[-1].get("val_accuracy"))
+                      final_val_accuracy=history[-1].get(select_on))
+        result.update({score_field(SELECT_VALIDATION, metric): selected[field] for metric, field in METRICS.items()
+                       if selected.get(field) is not None})
     if "test_accuracy_by_decode" in history[-1]:  # runs from before the four decodings lack it
         result["final_test_accuracy_by_decode"] = history[-1]["test_accuracy_by_decode"]
     return result
@@ -304,7 +319,8 @@ def selection_rule(*groups: dict) -> str:
         else SELECT_FINAL
 
 
-def summarise(records: list[dict], arms: list[str], paper: dict, divergences: list[dict] = ()) -> dict:
+def summarise(records: list[dict], arms: list[str], paper: dict, divergences: list[dict] = (),
+              select_on: str = "val_accuracy") -> dict:
     """Each arm's final and best test accuracy (%), per seed and as mean and standard deviation over seeds;
     and each arm against cross-entropy, paired by seed (``vs_ce``, ``oat_jax.paired``).
 
@@ -322,7 +338,7 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
         for seed in sorted({r["seed"] for r in records}):
             history = sorted((r for r in records if r["seed"] == seed and r["arm"] in phases), key=lambda r: r["epoch"])
             if history:
-                per_seed[str(seed)] = _arm_summary(history)
+                per_seed[str(seed)] = _arm_summary(history, select_on)
         diverged = {str(event["seed"]): {"epoch": event["epoch"], "step": event["step"]}
                     for event in divergences if event["arm"] == arm}
         for seed, where in diverged.items():  # cut short: never shown as final, never paired
@@ -338,7 +354,8 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
             summary["arms"][arm] = result
             continue
         result["final_epoch"] = max(s["final_epoch"] for s in per_seed.values())
-        for key in ("final_test_accuracy", "test_accuracy_at_selected_epoch", "oracle_best_test_accuracy"):
+        for key in ("final_test_accuracy", "test_accuracy_at_selected_epoch", "oracle_best_test_accuracy",
+                    *(score_field(rule, metric) for metric in METRICS for rule in SCORE_FIELDS)):
             values = [s[key] for s in per_seed.values() if key in s]
             if len(values) < len(per_seed):
                 continue
@@ -363,6 +380,8 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
     return summary
 
 
-def scores(per_seed: dict, rule: str) -> dict[str, float]:
-    """Each seed's test accuracy under ``rule`` (``SELECT_VALIDATION`` or ``SELECT_FINAL``)."""
-    return {seed: s[SCORE_FIELDS[rule]] for seed, s in per_seed.items() if SCORE_FIELDS[rule] in s}
+def scores(per_seed: dict, rule: str, metric: str = "") -> dict[str, float]:
+    """Each seed's test accuracy (or ``metric``, a key of METRICS) under ``rule`` (``SELECT_VALIDATION`` or
+    ``SELECT_FINAL``)."""
+    field = score_field(rule, metric)
+    return {seed: s[field] for seed, s in per_seed.items() if field in s}

@@ -35,7 +35,7 @@ def run(workdir: str, overrides: dict) -> dict:
     exp = Experiment.build(config)
     evaluations = {}
     for size in EVAL_BATCH_SIZES:
-        accuracies, shares = train.evaluate_in_detail(exp, exp.template, batch_size=size)
+        accuracies, shares, _ = train.evaluate_in_detail(exp, exp.template, batch_size=size)
         evaluations[str(size)] = {"accuracy": accuracies, "share": {k: v.tolist() for k, v in shares.items()}}
     return {"devices": jax.device_count(), "processes": jax.process_count(), "summary": summary,
             "evaluations": evaluations}

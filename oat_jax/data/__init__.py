@@ -146,3 +146,4 @@ def _checked_split(
 from oat_jax.data.images import resize_all  # noqa: E402
 from oat_jax.data import cifar10, fashion_mnist, image_folder, ucf101  # noqa: E402,F401
 from oat_jax.data.holdout import hold_out_validation  # noqa: E402,F401
+from oat_jax.data.longtail import apply_long_tail  # noqa: E402,F401
