@@ -74,7 +74,7 @@ TUNED_GRID ?= learning_rate=0.0003,0.001,0.003,0.01,0.03
 
 tuned-study: install
 	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_tuned.py --grid $(TUNED_GRID) --seeds 100 \
-	  --out $(TUNED)/stage1 --parallel 1 --prune
+	  --out $(TUNED)/stage1 --parallel 1 --prune --extend-edges
 	$(PYTHON) -m oat_jax.sweep confirm $(TUNED)/stage1 --seeds 200-209 --parallel 1 --prune
 
 # The long-tailed study (README, "Class imbalance"): learning rates tuned on balanced validation accuracy (seed
@@ -84,5 +84,5 @@ LONGTAIL_GRID ?= learning_rate=0.001,0.003,0.01
 
 longtail-study: install
 	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_longtail.py --grid $(LONGTAIL_GRID) --seeds 100 \
-	  --out $(LONGTAIL)/stage1 --parallel 1 --prune
+	  --out $(LONGTAIL)/stage1 --parallel 1 --prune --extend-edges
 	$(PYTHON) -m oat_jax.sweep confirm $(LONGTAIL)/stage1 --seeds 200-209 --parallel 1 --prune

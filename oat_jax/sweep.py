@@ -370,15 +370,46 @@ def _record_sweep(folder: str, record: dict) -> dict:
     return record
 
 
+def edge_extensions(selection: dict, grid: dict[str, list]) -> dict[str, list]:
+    """Per numeric axis, the value one geometric step beyond each end of the grid where some arm's choice
+    sits (3e-2 after 1e-2, 3e-2 gives 9e-2), rounded to three significant digits."""
+    extra: dict[str, list] = {}
+    for choice in selection["arms"].values():
+        for field, value in (choice["chosen"] or {}).items():
+            values = sorted(v for v in grid.get(field, []) if isinstance(v, (int, float)))
+            if len(values) < 2 or value not in (values[0], values[-1]) or 0 in values[:2] + values[-2:]:
+                continue
+            beyond = values[-1] ** 2 / values[-2] if value == values[-1] else values[0] ** 2 / values[1]
+            beyond = float(f"{beyond:.3g}")
+            if beyond not in values and beyond not in extra.get(field, []):
+                extra.setdefault(field, []).append(beyond)
+    return extra
+
+
 def sweep(args, overrides: list[str]) -> dict:
+    """Runs every point of the folder's grid (this command's, and what earlier ones or an edge added), writes
+    the selection; with ``extend_edges``, once per folder, adds one point beyond each edge where an arm's
+    choice sits, runs it and chooses again."""
     grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds)
-    jobs = _sweep_jobs(args.out, args.config, grid, seeds, overrides)  # every run's config checked first
+    _sweep_jobs(args.out, args.config, grid, seeds, overrides)  # every run's config checked before anything is written
     record = _record_sweep(args.out, {"config": args.config, "overrides": overrides, "grid": grid,
                                       "seeds": sorted(set(seeds))})
-    run_jobs(jobs, args.config, args.parallel, args.prune)
-    # Every point the folder's sweeps have run (a rerun may have added some), chosen among together.
-    all_jobs = _sweep_jobs(args.out, args.config, record["grid"], record["seeds"], overrides)
-    return write_selection(args.out, [job for job in all_jobs if os.path.isdir(job.workdir)], record["grid"])
+    while True:
+        jobs = _sweep_jobs(args.out, args.config, record["grid"], record["seeds"], overrides)
+        run_jobs(jobs, args.config, args.parallel, args.prune)
+        selection = write_selection(args.out, jobs, record["grid"])
+        if not args.extend_edges or "edges_extended" in record or not selection["complete"]:
+            return selection
+        # Recorded before its runs start: an interrupted extension resumes with the same points.
+        record["edges_extended"] = edge_extensions(selection, record["grid"])
+        for field, values in record["edges_extended"].items():
+            record["grid"][field] = record["grid"][field] + values
+        workdir_lib.write_json(os.path.join(args.out, SWEEP_FILE), record)
+        if not record["edges_extended"]:
+            return selection
+        print(f"sweep: a choice sits at the grid's edge; one more point beyond it: "
+              f"{', '.join(f'{field}={value:g}' for field, values in record['edges_extended'].items() for value in values)}",
+              flush=True)
 
 
 def confirm(args, overrides: list[str]) -> list[str]:
@@ -426,6 +457,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="runs side by side")
     parser.add_argument("--prune", action="store_true",
                         help="delete each finished run's checkpoints and TensorBoard events")
+    parser.add_argument("--extend-edges", action="store_true",
+                        help="once the grid is done, add one point beyond each edge where an arm's choice sits "
+                             "(once per folder) and choose again")
     return parser
 
 

@@ -142,3 +142,13 @@ def test_a_sweep_without_validation_is_refused_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "validation_size" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_one_point_beyond_an_edge_where_a_choice_sits():
+    grid = {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}
+    selection = {"arms": {"a": {"chosen": {"learning_rate": 3e-2}}, "b": {"chosen": {"learning_rate": 3e-3}},
+                          "c": {"chosen": {"learning_rate": 3e-4}}, "d": {"chosen": None}}}
+    # 3e-2 * (3e-2 / 1e-2) = 9e-2 above; 3e-4 / (1e-3 / 3e-4) = 9e-5 below; an inner choice adds nothing.
+    assert sweep.edge_extensions(selection, grid) == {"learning_rate": [0.09, 9e-05]}
+    del selection["arms"]["a"], selection["arms"]["c"]
+    assert sweep.edge_extensions(selection, grid) == {}
