@@ -1,7 +1,7 @@
-"""Writes the README's performance section from the JSON files in benchmarks/results/, never by hand.
+"""Writes the benchmark tables of benchmarks/README.md from the JSON files in benchmarks/results/, never by hand.
 
-    python -m benchmarks.readme_table            # rewrites the part of README.md between the markers
-    python -m benchmarks.readme_table --check    # exits 1 if README.md is not what the files give
+    python -m benchmarks.readme_table            # rewrites the part of benchmarks/README.md between the markers
+    python -m benchmarks.readme_table --check    # exits 1 if benchmarks/README.md is not what the files give
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+README = os.path.join(ROOT, "benchmarks", "README.md")  # where the tables live (the project README links to it)
 
 
 def _ms(stats):
@@ -278,7 +279,7 @@ def render(results_dir: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true")
-    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    parser.add_argument("--readme", default=README, help="the Markdown file holding the markers")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     with open(args.readme) as f:
@@ -288,8 +289,8 @@ def main():
     head, rest = readme.split(START, 1)
     updated = head + render(args.results) + rest.split(END, 1)[1]
     if args.check:
-        sys.exit(0 if updated == readme else "README.md's performance section is out of date: "
-                 "run python -m benchmarks.readme_table")
+        sys.exit(0 if updated == readme else f"{os.path.relpath(args.readme, ROOT)}'s benchmark tables are out of "
+                 "date: run python -m benchmarks.readme_table")
     with open(args.readme, "w") as f:
         f.write(updated)
 
