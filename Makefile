@@ -47,7 +47,7 @@ $(MARKER): requirements.txt setup.cfg
 	$(PYTHON) -m pip install -q -r requirements.txt -e '.[dev]'
 	@touch $@
 
-# The anchor study (README, "Does the anchor matter?"): one run per seed, its workdir under results/ so that a
+# The anchor study (results/fashion_mnist_study/README.md): one run per seed, its workdir under results/ so that a
 # sitting's progress is committed and the next resumes it; a finished seed keeps no checkpoints and is skipped.
 # The label-smoothing control came later: a run of its own per seed, pooled with the others by the report.
 STUDY_SEEDS ?= 0 1 2 3 4
@@ -66,7 +66,7 @@ study: install
 	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md --figure $(STUDY)/comparisons.png \
 	  --by-epoch 40,60,80,100
 
-# The tuned study (README, "With every arm tuned"; issue of fair comparisons): stage 1 tunes each arm's learning
+# The tuned study (results/fashion_mnist_tuned/README.md): stage 1 tunes each arm's learning
 # rate on validation (seed 100), stage 2 trains each arm at its choice on ten fresh seeds. Each run is a workdir
 # under results/ (committed as it finishes, its checkpoints pruned); a rerun resumes where the last one stopped.
 TUNED := results/fashion_mnist_tuned
@@ -77,7 +77,7 @@ tuned-study: install
 	  --out $(TUNED)/stage1 --parallel 1 --prune --extend-edges
 	$(PYTHON) -m oat_jax.sweep confirm $(TUNED)/stage1 --seeds 200-209 --parallel 1 --prune
 
-# The long-tailed study (README, "Class imbalance"): learning rates tuned on balanced validation accuracy (seed
+# The long-tailed study (results/fashion_mnist_longtail/README.md): learning rates tuned on balanced validation accuracy (seed
 # 100), then each arm at its choice on ten fresh seeds; resumable like the tuned study.
 LONGTAIL := results/fashion_mnist_longtail
 LONGTAIL_GRID ?= learning_rate=0.001,0.003,0.01

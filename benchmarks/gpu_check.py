@@ -21,11 +21,11 @@ share an overall time budget (``--budget-s``: a part never gets more than what i
 too little is skipped). The exit status is 0 only when every part passed. One JSON file holds everything
 (each part's command, seconds, status and figures): ``benchmarks/results/gpu_check_<device>.json`` (the device
 as JAX names it, e.g. ``gpu_check_nvidia_h200.json``) or ``--out``; when it lies in ``benchmarks/results/``,
-the README's benchmark section is regenerated (``benchmarks.readme_table``). ``--dry-run`` runs the same
+benchmarks/README.md's tables are regenerated (``benchmarks.readme_table``). ``--dry-run`` runs the same
 parts on the CPU at toy sizes (WRN-28-10's module at depth 10 and width 1 on 8x8 images, a few steps, 64
 samples, K = 1 and 2), with cheap compilation and a compilation cache shared by the parts, to check the
 sequence before a GPU is lent (about 140 s of CPU time); it writes to ``--out`` (default: the system's
-temporary folder) and never touches the README unless ``--out`` lies in ``benchmarks/results/``.
+temporary folder) and never touches benchmarks/README.md unless ``--out`` lies in ``benchmarks/results/``.
 
 Preparing a GPU machine without network, whose Python already has jax with CUDA, flax, optax,
 orbax-checkpoint, numpy and torch (the wheels are pure Python; match --python-version to python3 there):
@@ -42,7 +42,7 @@ orbax-checkpoint, numpy and torch (the wheels are pure Python; match --python-ve
         python3 -m benchmarks.gpu_check --data-dir gpu_carry/fashion-mnist
 
 and bring ``benchmarks/results/gpu_check_*.json`` back (``python -m benchmarks.readme_table`` then puts it in
-the README here).
+benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -402,7 +402,7 @@ def _parse():
     parser.add_argument("--budget-s", type=float, help="seconds for all the parts together (default: 450; "
                                                        "dry run: 300)")
     parser.add_argument("--parts", default="", help="only these parts, by name, separated by commas (default: all)")
-    parser.add_argument("--no-readme", action="store_true", help="never regenerate the README's benchmark section")
+    parser.add_argument("--no-readme", action="store_true", help="never regenerate benchmarks/README.md's tables")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the environment, as JSON
     parser.add_argument("--break-part", default="", help=argparse.SUPPRESS)  # tests: makes that part fail
     args = parser.parse_args()
@@ -458,8 +458,8 @@ def _in_results(path: str) -> bool:
 def _regenerate_readme() -> bool:
     done = subprocess.run([sys.executable, "-m", "benchmarks.readme_table"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
-    print("README.md's benchmark section regenerated" if done.returncode == 0
-          else f"README.md not regenerated: {done.stderr.strip()}", flush=True)
+    print("benchmarks/README.md's tables regenerated" if done.returncode == 0
+          else f"benchmarks/README.md not regenerated: {done.stderr.strip()}", flush=True)
     return done.returncode == 0
 
 

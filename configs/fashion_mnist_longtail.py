@@ -1,4 +1,4 @@
-"""Where the anchor can move (README, "Class imbalance"): the paper's protocol on a long-tailed Fashion-MNIST
+"""Where the anchor can move (results/fashion_mnist_longtail/README.md): the paper's protocol on a long-tailed Fashion-MNIST
 (ρ = n_max / n_min = 100, about 14,600 training images), with 1,000 images (100 per class) held out for
 validation before the profile is drawn, so that validation stays balanced; the lightweight CNN with PyTorch's
 default initialisation; 10 epochs of cross-entropy, then 90 of each arm.

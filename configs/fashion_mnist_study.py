@@ -1,6 +1,6 @@
 """Does the anchor matter? The paper's protocol on Fashion-MNIST with the lightweight CNN (10 epochs of
 cross-entropy, then 90 of each arm from that one pre-training), PyTorch's default initialisation, and OAT beside
-its controls (README, "Does the anchor matter?"):
+its controls (results/fashion_mnist_study/README.md):
 
 - ``oat``: OAT with the released code's anchor, softmax(mean softmax z);
 - ``oat_uniform``: the same loss with the anchor fixed at 1/C (targets C·onehot - 1): no online anchor;

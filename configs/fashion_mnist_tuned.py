@@ -1,4 +1,4 @@
-"""The tuned study (README, "With every arm tuned"): the paper's protocol on Fashion-MNIST with the lightweight
+"""The tuned study (results/fashion_mnist_tuned/README.md): the paper's protocol on Fashion-MNIST with the lightweight
 CNN (10 epochs of cross-entropy, then 90 of each arm; one learning rate for both phases), PyTorch's default
 initialisation, and 6,000 training images (600 per class) held out for validation, on which each arm's
 learning rate and stopping epoch are chosen (``python -m oat_jax.sweep``; ``make tuned-study``).

@@ -253,7 +253,7 @@ _DECODINGS = ("batch", "single", "train_anchor", "uniform")
 
 
 def _decodings(cells: list[Cell]) -> list[str]:
-    """The final epoch's accuracy of each arm by decoding (README, "Decoding without a test batch"), mean ±
+    """The final epoch's accuracy of each arm by decoding (README, "OAT in your own Flax training loop"), mean ±
     standard deviation over the seeds, for the rows whose every seed logged them."""
     rows = []
     for cell in cells:
@@ -270,7 +270,7 @@ def _decodings(cells: list[Cell]) -> list[str]:
             *rows]
 
 
-# OAT's controls (README, "Does the anchor matter?"): each removes one thing from OAT, so OAT minus the
+# OAT's controls (results/fashion_mnist_study/README.md): each removes one thing from OAT, so OAT minus the
 # control, paired by seed, is what that thing is worth.
 _CONTROLS = ("oat_uniform", "square", "ce_smooth", "oat_prior", "ce_logit_adjusted")
 
