@@ -6,6 +6,7 @@ in a field name is caught here instead of being silently ignored.
 from __future__ import annotations
 
 import math
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -129,6 +130,17 @@ def _check_fields(config, reference, prefix=""):
             continue
         if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
             raise ConfigError(f"config field '{prefix}{key}' must be of type {expected.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN and inf pass every comparison below
+            raise ConfigError(_not_finite(prefix + key, value, default))
+
+
+def _not_finite(name: str, value: float, default) -> str:
+    """The error line of a float field set to NaN or inf, with the fix: its default, and its "0 = ..." meaning
+    where the schema gives one (stall_timeout_seconds' "0 = never", say)."""
+    meaning = dict((field, text) for field, _, text in field_help()).get(name, "")
+    convention = re.search(r"\((0 = [^)]*)\)", meaning)
+    return (f"{name} must be a finite number, got {value}; pass a finite value, e.g. the default "
+            f"--config.{name}={default}" + (f" ({convention.group(1)})" if convention else ""))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -157,6 +169,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.normalisation in NORMALISATIONS,
             f"normalisation must be one of {', '.join(NORMALISATIONS)}, got '{config.normalisation}'")
     require(config.square_k > 0, f"square_k must be positive, got {config.square_k}")
+    require(config.square_m > 0, f"square_m (the label's target output) must be positive, got {config.square_m}")
     require(0 <= config.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {config.label_smoothing}")
     require(0 <= config.dropout_rate < 1, f"dropout_rate must lie in [0, 1), got {config.dropout_rate}")
     require(config.image_size >= 0, f"image_size must be non-negative (0 = as stored), got {config.image_size}")
@@ -173,6 +186,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(0 <= config.momentum < 1, f"momentum must lie in [0, 1), got {config.momentum}")
     require(config.seed >= 0, f"seed must be non-negative, got {config.seed}")
     require(config.num_seeds >= 1, f"num_seeds must be at least 1, got {config.num_seeds}")
+    # JAX's keys take 32 bits of a seed: seed 2**32 would train seed 0 again.
+    require(config.seed + config.num_seeds <= 2 ** 32, f"seed + num_seeds must be at most 2**32 (JAX's keys take "
+                                                      f"32 bits of a seed), got {config.seed} + {config.num_seeds}; "
+                                                      "pass a smaller seed")
+    for arm in ("ce", "oat"):
+        require(0 <= config.paper[arm] <= 100, f"paper.{arm} must be a test accuracy in % (0..100, 0 = the paper "
+                                               f"has none), got {config.paper[arm]}")
     require(config.anchor_scope in sharding.ANCHOR_SCOPES,
             f"anchor_scope must be one of {', '.join(sharding.ANCHOR_SCOPES)}, got '{config.anchor_scope}'")
     group = config.distributed

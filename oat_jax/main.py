@@ -35,7 +35,8 @@ from oat_jax.disk_full import WorkdirFull  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
 from oat_jax.sharding import ShardingError  # noqa: E402
 from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
-from oat_jax.train import TrainingDiverged, request_stop, stop_requested, train_and_evaluate  # noqa: E402
+from oat_jax.train import (StoppedBeforeTraining, TrainingDiverged, request_stop, stop_requested,  # noqa: E402
+                           train_and_evaluate)
 from oat_jax.workdir import WorkdirBusy, WorkdirMismatch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
@@ -244,8 +245,6 @@ def use_compilation_cache(setting: str) -> str | None:
 
 
 def main(argv):
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     config, workdir = _CONFIG.value, _WORKDIR.value
@@ -256,6 +255,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     started = time.perf_counter()
     use_compilation_cache(config.compilation_cache)
+    # Until here a signal exits at once (_interrupted_early); from here it asks the run to stop. Before the run's
+    # first epoch is saved, that leaves the workdir as it was (StoppedBeforeTraining).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         summary = train_and_evaluate(config, workdir)
     except (ConfigError, data.DatasetError, distributed.DistributedError, ShardingError, WeightsError,
@@ -269,6 +272,8 @@ def main(argv):
         _fail(_unwritable(workdir, workdir, read_only=e.errno == errno.EROFS))
     except TrainingDiverged as e:
         _fail(str(e), code=3)
+    except StoppedBeforeTraining as e:  # nothing to resume: the workdir is as it was
+        _fail(str(e), code=130)
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command to resume from the last finished epoch", code=130)
     if not distributed.is_primary():  # process 0 prints the results and writes the files

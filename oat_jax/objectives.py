@@ -128,10 +128,13 @@ def names() -> tuple[str, ...]:
 
 
 def parse_arms(text: str) -> list[str]:
-    """``"ce, oat"`` -> ["ce", "oat"]; ValueError naming what is wrong (unknown, repeated or none)."""
-    arms = [name.strip() for name in text.split(",") if name.strip()]
-    if not arms:
+    """``"ce, oat"`` -> ["ce", "oat"]; ValueError naming what is wrong (unknown, repeated, empty or none)."""
+    arms = [name.strip() for name in text.split(",")]
+    if not any(arms):
         raise ValueError(f"arms names no objective; known objectives: {', '.join(names())}")
+    if not all(arms):  # "ce,,oat" or "ce,oat,": a name left out or a stray comma, not to be guessed at
+        raise ValueError(f"arms '{text}' has an empty name (a comma too many); separate the objectives by single "
+                         f"commas, e.g. {','.join(name for name in arms if name)}")
     unknown = [name for name in arms if name not in OBJECTIVES]
     if unknown:
         raise ValueError(f"unknown objective '{unknown[0]}' in arms; known objectives: {', '.join(names())}")

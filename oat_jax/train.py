@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -52,8 +53,9 @@ jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 
 
 def request_stop() -> None:
-    """Asks a running ``train_and_evaluate`` to stop at its next step (from a signal handler, say); it then
-    raises KeyboardInterrupt with its progress checkpointed."""
+    """Asks ``train_and_evaluate`` (running, or next to run in this process) to stop at its next step (from a
+    signal handler, say); it then raises KeyboardInterrupt with its progress checkpointed, or, before its first
+    epoch is saved, StoppedBeforeTraining with the workdir as it found it."""
     _STOP.set()
 
 
@@ -64,6 +66,74 @@ def stop_requested() -> bool:
 def _stop_agreed() -> bool:
     """Whether any process was asked to stop; the same answer on all of them."""
     return distributed.any_process(_STOP.is_set())
+
+
+class StoppedBeforeTraining(KeyboardInterrupt):
+    """A stop request (Ctrl-C, SIGTERM) that came before the run's first epoch was saved: the workdir is as the
+    run found it, nothing to resume. The message says so in one line."""
+
+
+def _workdir_found(workdir: str):
+    """What ``_put_back`` needs to restore ``workdir`` as found now: None when it holds a run (checkpoints or
+    metrics, which a stop leaves to resume), else (the nearest folder of its path that exists, the names in it
+    when that is the workdir, the bytes of a config.json there)."""
+    path = os.path.abspath(workdir)
+    if any(os.path.lexists(os.path.join(path, name)) for name in (workdir_lib.CHECKPOINTS_DIR,
+                                                                  workdir_lib.METRICS_FILE)):
+        return None
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if existing != path:
+        return existing, set(), None
+    if not os.path.isdir(path):
+        return None  # not a folder: the run is refused before it writes
+    config, saved = os.path.join(path, workdir_lib.CONFIG_FILE), None
+    if os.path.isfile(config):
+        with open(config, "rb") as f:
+            saved = f.read()
+    return existing, set(os.listdir(path)), saved
+
+
+def _put_back(workdir: str, found) -> None:
+    """Removes what the run wrote in ``workdir`` since ``_workdir_found`` saw it: the folders it made (up to the
+    nearest that existed), or in a folder that was there, the entries it added and config.json as it was."""
+    path = os.path.abspath(workdir)
+    existing, names, config = found
+    if existing != path:
+        shutil.rmtree(path, ignore_errors=True)
+        folder = os.path.dirname(path)
+        with contextlib.suppress(OSError):  # the folders above it that the run made, while empty
+            while folder != existing:
+                os.rmdir(folder)
+                folder = os.path.dirname(folder)
+        return
+    for name in set(os.listdir(path)) - names:
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(entry)
+    if config is not None:
+        with workdir_lib.replacing(os.path.join(path, workdir_lib.CONFIG_FILE)) as tmp, open(tmp, "wb") as f:
+            f.write(config)
+
+
+def _put_back_on_stop(workdir: str, found):
+    """An exit callback for the workdir's ExitStack (unwound before the lock is released): a stop that ends the
+    run before it has logged anything (an epoch, a divergence) or saved an epoch part-way is nothing to resume,
+    so a workdir that held no run is put back as found (by process 0, which writes the files) and the stop
+    raised as StoppedBeforeTraining."""
+    def on_exit(kind, error, traceback) -> bool:
+        if (found is None or not isinstance(error, KeyboardInterrupt)
+                or isinstance(error, (EpochStopped, StoppedBeforeTraining))
+                or workdir_lib.read_lines(os.path.join(workdir, workdir_lib.METRICS_FILE))):
+            return False
+        if distributed.is_primary():
+            _put_back(workdir, found)
+        raise StoppedBeforeTraining(f"interrupted before the first epoch was saved; nothing was kept in {workdir}")
+    return on_exit
 
 
 class TrainingDiverged(RuntimeError):
@@ -405,14 +475,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
 
 def _take_workdir(config, workdir, lock: contextlib.ExitStack) -> None:
     """Locks the workdir (process 0; the others share it by design) and records the config; every process
-    raises together when process 0 is refused, none left waiting at a barrier."""
-    refused = None
+    raises together when process 0 is refused, none left waiting at a barrier. Until the run has logged or
+    saved an epoch, a stop puts a workdir that held no run back as it was (``_put_back_on_stop``)."""
+    refused, found = None, _workdir_found(workdir)
     if distributed.is_primary():
         try:
             lock.enter_context(hold_lock(workdir))
+            if _workdir_found(workdir) is None:  # another run trained here before the lock: not ours to remove
+                found = None
+            lock.push(_put_back_on_stop(workdir, found))  # pushed after the lock: unwound while it is held
             workdir_lib.check_config(workdir, config.to_dict())  # again, locked: another run may have trained here
         except (WorkdirBusy, WorkdirMismatch) as error:
             refused = error
+    else:  # the same decision, so that every process raises the same stop
+        lock.push(_put_back_on_stop(workdir, found))
     if distributed.any_process(refused is not None):
         raise refused or WorkdirBusy(f"workdir {workdir} was refused by process 0 (its error says why)")
     if distributed.is_primary():
@@ -421,14 +497,22 @@ def _take_workdir(config, workdir, lock: contextlib.ExitStack) -> None:
 
 
 def _train_and_evaluate(config, workdir, report, lock: contextlib.ExitStack) -> dict:
-    _STOP.clear()  # a stop asked of an earlier run in this process does not carry over
+    # A stop asked of this run ends with it, not carried over to the next run in this process; one asked before
+    # it began (a Ctrl-C in the command line's start-up) stops it before it writes anything.
+    lock.callback(_STOP.clear)
     distributed.initialize(config)  # several processes: before anything runs on a device
     dispatch.WATCHDOG.configure(config.stall_timeout_seconds if sharding.data_mesh() is not None else 0,
                                 _stall_hint(config))
     # Every check that can refuse the run comes before the first file is written.
     workdir_lib.check_config(workdir, config.to_dict())
-    exp = Experiment.build(config)
-    distributed.barrier("oat_jax:checked")
+    try:
+        exp = Experiment.build(config)
+        distributed.barrier("oat_jax:checked")
+        stopped = _stop_agreed()  # a first Ctrl-C while the dataset loads takes effect here
+    except KeyboardInterrupt:  # a second one, at once
+        stopped = True
+    if stopped:
+        raise StoppedBeforeTraining("interrupted before training started; nothing was written")
     _take_workdir(config, workdir, lock)
     managers = {arm: ArmCheckpoints(workdir, arm) for arm in [PRETRAIN, *exp.arms]}
     log = MetricsLog(os.path.join(workdir, workdir_lib.METRICS_FILE), write=distributed.is_primary())

@@ -219,6 +219,18 @@ def test_a_bad_config_file_with_an_override_is_one_line(tmp_path, config, expect
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["--config.learning_rate=inf"], "learning_rate must be a finite number, got inf"),
+    (["--config.arms=ce,square", "--config.square_m=nan"], "square_m must be a finite number, got nan"),
+    (["--config.arms=ce,,oat"], "arms 'ce,,oat' has an empty name"),
+])
+def test_a_non_finite_value_or_an_empty_arm_is_one_line(tmp_path, overrides, expected):
+    """Refused before anything is written: inf trained and diverged, NaN trained on with a warning that blamed
+    the learning rate, and an empty arm was dropped silently."""
+    _one_line_refusal(_run(tmp_path / "run", *overrides), expected)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("a file, not a folder\n")

@@ -92,3 +92,59 @@ def test_int_accepted_for_float_field_and_bool_for_anchor_gradient():
     config = base_config()
     config.anchor_gradient = False
     validate_config(config)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("learning_rate", INF, "learning_rate must be a finite number, got inf; pass a finite value, e.g. the default "
+                           "--config.learning_rate=0.001"),
+    ("learning_rate", NAN, "learning_rate must be a finite number, got nan"),
+    ("learning_rate", -INF, "learning_rate must be a finite number, got -inf"),
+    ("square_k", INF, "square_k must be a finite number"),
+    ("square_k", NAN, "square_k must be a finite number"),
+    ("square_m", NAN, "square_m must be a finite number"),
+    ("square_m", INF, "square_m must be a finite number"),
+    ("square_m", 0.0, "square_m .* must be positive, got 0.0"),
+    ("square_m", -1.0, "square_m .* must be positive, got -1.0"),
+    ("label_smoothing", NAN, "label_smoothing must be a finite number"),
+    ("momentum", NAN, "momentum must be a finite number"),
+    ("momentum", -INF, "momentum must be a finite number"),
+    ("dropout_rate", NAN, "dropout_rate must be a finite number"),
+    ("stall_timeout_seconds", INF, r"stall_timeout_seconds must be a finite number, got inf; .*\(0 = never\)"),
+    ("stall_timeout_seconds", NAN, "stall_timeout_seconds must be a finite number"),
+    ("seed", 2 ** 32, r"seed \+ num_seeds must be at most 2\*\*32"),
+    ("arms", "ce,,oat", "arms 'ce,,oat' has an empty name .*; separate the objectives by single commas, e.g. ce,oat"),
+    ("arms", "ce,oat,", "arms 'ce,oat,' has an empty name"),
+    ("arms", ",oat", "arms ',oat' has an empty name"),
+])
+def test_non_finite_and_out_of_range_values_are_named(field, value, message):
+    """NaN passes no comparison and inf passes most, so a range check alone let them through (issue 24)."""
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_with(**{field: value}))
+
+
+@pytest.mark.parametrize("group, field, value, message", [
+    ("paper", "ce", NAN, "paper.ce must be a finite number"),
+    ("paper", "oat", INF, "paper.oat must be a finite number"),
+    ("paper", "oat", 101.0, r"paper.oat must be a test accuracy in % \(0..100"),
+    ("distributed", "timeout_seconds", INF, "distributed.timeout_seconds"),
+    ("distributed", "timeout_seconds", 0, "distributed.timeout_seconds must be at least 1"),
+])
+def test_non_finite_and_out_of_range_values_in_groups_are_named(group, field, value, message):
+    config = base_config().to_dict()  # a plain dict: ConfigDict refuses a float for an int field itself
+    config[group][field] = value
+    import ml_collections
+    with pytest.raises(ConfigError, match=message):
+        validate_config(ml_collections.ConfigDict(config))
+
+
+def test_every_float_field_is_checked_for_finiteness():
+    """A float field added later is covered too: NaN in any of them is refused, naming it."""
+    floats = [name for name, default, _ in config_schema.field_help() if isinstance(default, float)]
+    assert {"learning_rate", "square_k", "square_m", "label_smoothing", "momentum", "dropout_rate",
+            "stall_timeout_seconds"} <= set(floats)
+    for name in floats:
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number, got nan"):
+            validate_config(_with(**{name: NAN}))

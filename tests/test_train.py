@@ -522,3 +522,19 @@ def test_a_diverging_seed_ends_only_itself(synthetic_config, tmp_path, capsys):
     synthetic_config.num_seeds, synthetic_config.seed = 2, 0
     again, seen = _run(synthetic_config, tmp_path / "together")
     assert seen == [] and again.pop("already_finished") and again == together
+
+
+def test_a_run_of_the_ce_arm_alone_that_only_pretrains_is_recognised_as_finished(synthetic_config, tmp_path):
+    """arms="ce" with pretrain_epochs == num_epochs logs only "pretrain" lines, no "ce" line: its rerun was not
+    recognised as finished, and rewrote metrics.jsonl and summary.json (issue 24). Now it trains nothing and
+    leaves both files as they were, byte for byte and not even rewritten."""
+    synthetic_config.arms, synthetic_config.num_epochs, synthetic_config.pretrain_epochs = "ce", 2, 2
+    first, records = _run(synthetic_config, tmp_path)
+    assert [(r["arm"], r["epoch"]) for r in records] == [("pretrain", 1), ("pretrain", 2)]
+    files = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "summary.json")}
+    dates = {name: (tmp_path / name).stat().st_mtime_ns for name in files}
+    again, seen = _run(synthetic_config, tmp_path)
+    assert seen == []  # nothing trained
+    assert again.pop("already_finished") is True and again == first
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    assert {name: (tmp_path / name).stat().st_mtime_ns for name in files} == dates
