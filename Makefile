@@ -17,13 +17,17 @@ endif
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test install python-version study tuned-study longtail-study
+.PHONY: run test test-fast install python-version study tuned-study longtail-study
 
 run: install
 	$(PYTHON) -m oat_jax.main --config configs/default.py --workdir runs/default
 
 test: install
 	$(PYTHON) -m pytest -q -n 2
+
+# The fast tier: everything but the tests marked slow (tests/conftest.py), for the edit-test loop.
+test-fast: install
+	$(PYTHON) -m pytest -q -n 2 -m "not slow"
 
 install: python-version $(MARKER)
 

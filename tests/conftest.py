@@ -17,11 +17,18 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
                                                  "--xla_llvm_disable_expensive_passes=true")))
 
+import functools  # noqa: E402
+import math  # noqa: E402
+import struct  # noqa: E402
+
 import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from oat_jax import data, models  # noqa: E402
+from oat_jax.data import fashion_mnist, locations  # noqa: E402
 
 
 def cpu_devices_environment(devices: int, **extra: str) -> dict:
@@ -92,3 +99,127 @@ class _StandInNet(nn.Module):
 @models.register_model(STANDIN_MODEL)
 def _standin_net(num_classes: int, dropout_rate: float = 0.0):
     return _StandInNet(num_classes=num_classes, dropout_rate=dropout_rate)
+
+
+# ------------------------------------------------------------------ helpers shared by several test modules
+
+# Tests that need Debian's Fashion-MNIST files (or OAT_DATA_DIR).
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(fashion_mnist.DEFAULT_DIR) and not os.environ.get("OAT_DATA_DIR"),
+    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def scalars_of(folder) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of every event file in ``folder`` (one TensorBoard run); a step twice fails."""
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        position = 0
+        while position < len(data):
+            (length,) = struct.unpack("<Q", data[position:position + 8])
+            event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
+            position += 12 + length + 4
+            for value in event.summary.value:
+                steps = scalars.setdefault(value.tag, {})
+                assert event.step not in steps, f"{value.tag} logged twice at step {event.step}"
+                steps[event.step] = value.simple_value
+    return scalars
+
+
+# Flat frame colours, far apart, so a decoded frame is identified despite codec error.
+COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250), (250, 10, 250),
+           (128, 128, 128)]
+
+
+@pytest.fixture
+def isolated_data(tmp_path, monkeypatch):
+    """Only this test's data and cache are visible."""
+    monkeypatch.delenv("OAT_DATA_DIR", raising=False)
+    monkeypatch.setattr(locations, "SYSTEM_DIR", str(tmp_path / "no-system-datasets"))
+    monkeypatch.setenv("OAT_CACHE_DIR", str(tmp_path / "cache"))
+    empty_tfds = tmp_path / "tfds-empty"
+    empty_tfds.mkdir()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(empty_tfds))
+
+
+def write_video(path, colours=COLOURS, codec="mpeg4", size=(40, 48)):
+    """A video of one flat colour per frame, written with PyAV."""
+    av = pytest.importorskip("av")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=8)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for colour in colours:
+            frame = av.VideoFrame.from_ndarray(np.full(size + (3,), colour, np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def colour_index(image: np.ndarray, colours=COLOURS) -> int:
+    """Which of ``colours`` a flat image shows (and that it is close to it)."""
+    mean = image.reshape(-1, 3).mean(axis=0)
+    distances = [np.abs(mean - np.array(c)).max() for c in colours]
+    assert min(distances) < 12, (mean, colours)
+    return int(np.argmin(distances))
+
+
+def abstract_variables(model, size: int = 32):
+    """A model's variables as shapes only (``jax.eval_shape``): no random sampler is compiled."""
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+
+
+def random_variables(model, seed: int = 0, size: int = 32) -> dict:
+    """Variables of ``model`` for (B, size, size, 3) images, random, with BatchNorm variances positive and
+    kernels scaled by 1/sqrt(fan-in) so activations stay finite through deep networks."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("var", "scale"):
+            return (0.5 + rng.random(leaf.shape, dtype=np.float32)).astype(leaf.dtype)
+        scale = 1 / math.sqrt(math.prod(leaf.shape[:-1])) if name == "kernel" else 0.1
+        return (scale * rng.standard_normal(leaf.shape, dtype=np.float32)).astype(leaf.dtype)
+    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, size))
+
+
+@functools.cache
+def compiled_apply(name: str, num_classes: int, train: bool = False):
+    """``create_model(name, num_classes).apply`` in eval or train mode, jitted once for all tests (compiling
+    a deep network takes seconds)."""
+    model = models.create_model(name, num_classes)
+    if train:
+        return jax.jit(lambda variables, images: model.apply(variables, images, train=True, mutable=["batch_stats"]))
+    return jax.jit(model.apply)
+
+
+# ------------------------------------------------------------------ the slow tier
+
+# Subprocess, command-line, several-device, notebook and GPU-dry-run tests, and the few in-process tests that
+# train for tens of seconds: marked ``slow`` here, in one place. ``make test-fast`` leaves them out.
+SLOW_MODULES = {"test_cli", "test_interrupt", "test_distributed", "test_sharding", "test_dispatch", "test_notebook",
+                "test_gpu_check", "test_benchmarks", "test_experiments", "test_finetune"}
+SLOW_TESTS = {"test_sweep.py::test_the_sweep_chooses_on_validation_resumes_and_confirms",
+              "test_sweep.py::test_a_sweep_without_validation_is_refused_in_one_line",
+              "test_workdir_lock.py::test_the_processes_of_a_run_all_stop_when_process_0_finds_the_workdir_busy",
+              "test_objectives.py::test_six_arms_of_three_seeds_train_from_one_pretraining",
+              "test_plots.py::test_every_figure_of_a_real_run_and_its_batch_size_sweep",
+              "test_report.py::test_a_real_run_is_reported",
+              "test_train.py::test_replicas_train_like_separate_runs",
+              "test_train.py::test_a_diverging_seed_ends_only_itself",
+              "test_checkpoint_failures.py::test_a_full_disk_stops_with_one_line_and_the_same_command_resumes",
+              "test_checkpoint_failures.py::test_a_real_full_disk_mid_run_resumes_to_the_same_result",
+              "test_weights.py::test_round_trip_keeps_every_tensor_and_the_new_head",
+              "test_longtail.py::test_an_imbalanced_run_logs_class_metrics_and_selects_on_balanced_validation",
+              "test_workdir_lock.py::test_the_command_line_refuses_a_busy_workdir_in_one_line"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        name = f"{item.path.name}::{item.originalname}"
+        command_line = module == "test_checkpoint_failures" and item.originalname.startswith("test_cli_")
+        if module in SLOW_MODULES or name in SLOW_TESTS or command_line:
+            item.add_marker(pytest.mark.slow)

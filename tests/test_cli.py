@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from oat_jax.data import fashion_mnist
+from conftest import needs_fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The fields of a metrics line that time the run, and so differ between runs of the same training.
@@ -20,9 +20,7 @@ TIMINGS = ("epoch_seconds", "compile_seconds")
 QUICK = ["--config.train_limit=4000", "--config.test_limit=1000", "--config.num_epochs=3",
          "--config.pretrain_epochs=1"]
 
-needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(fashion_mnist.DEFAULT_DIR) and not os.environ.get("OAT_DATA_DIR"),
-    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
 
 
 def _command(workdir, *overrides, config="configs/default.py"):

@@ -14,21 +14,14 @@ from PIL import Image
 
 from oat_jax.data import DatasetError, DatasetUnavailable, cache, image_folder, load_dataset, locations
 from oat_jax.data.video import read_middle_frame
+from conftest import COLOURS, colour_index, write_video
 
-# Flat frame colours, far apart, so a decoded frame is identified despite codec error.
-COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250), (250, 10, 250),
-           (128, 128, 128)]
+pytestmark = pytest.mark.usefixtures("isolated_data")  # only this test's data and cache are visible
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """Only this test's data and cache are visible."""
-    monkeypatch.delenv("OAT_DATA_DIR", raising=False)
-    monkeypatch.setattr(locations, "SYSTEM_DIR", str(tmp_path / "no-system-datasets"))
-    monkeypatch.setenv("OAT_CACHE_DIR", str(tmp_path / "cache"))
-    empty_tfds = tmp_path / "tfds-empty"
-    empty_tfds.mkdir()
-    monkeypatch.setenv("TFDS_DATA_DIR", str(empty_tfds))
+
+
+
 
 
 # ---------------------------------------------------------------- helpers
@@ -47,27 +40,10 @@ def write_image(path, size=(20, 30), mode="RGB", seed=0, fmt=None):
     return path
 
 
-def write_video(path, colours=COLOURS, codec="mpeg4", size=(40, 48)):
-    """A video of one flat colour per frame, written with PyAV."""
-    av = pytest.importorskip("av")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=8)
-        stream.height, stream.width = size
-        stream.pix_fmt = "yuv420p"
-        for colour in colours:
-            frame = av.VideoFrame.from_ndarray(np.full(size + (3,), colour, np.uint8), format="rgb24")
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return path
 
 
-def colour_index(image: np.ndarray, colours=COLOURS) -> int:
-    """Which of ``colours`` a flat image shows (and that it is close to it)."""
-    mean = image.reshape(-1, 3).mean(axis=0)
-    distances = [np.abs(mean - np.array(c)).max() for c in colours]
-    assert min(distances) < 12, (mean, colours)
-    return int(np.argmin(distances))
+
+
 
 
 def pil_resized(path, size):

@@ -7,7 +7,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from conftest import SYNTHETIC
-from test_cli import needs_fashion_mnist
+from conftest import needs_fashion_mnist
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "anchor_dynamics.ipynb"
 

@@ -15,38 +15,11 @@ import pytest
 
 from oat_jax import models
 from oat_jax.models import resnet, weights
+from conftest import abstract_variables, compiled_apply, random_variables
 
 KEYS_DIR = pathlib.Path(__file__).parent / "data" / "torchvision_keys"
 TORCHVISION_PARAMETERS = {"resnet18": 11_689_512, "wide_resnet50_2": 68_883_240}  # 1000-class head
 CONVERTIBLE = sorted(TORCHVISION_PARAMETERS)
-
-
-def abstract_variables(model, size: int = 32):
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-
-
-def random_variables(model, seed: int = 0, size: int = 32) -> dict:
-    """Variables of ``model`` for (B, size, size, 3) images, random, with BatchNorm variances positive and
-    kernels scaled by 1/sqrt(fan-in) so activations stay finite through deep networks."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name in ("var", "scale"):
-            return (0.5 + rng.random(leaf.shape, dtype=np.float32)).astype(leaf.dtype)
-        scale = 1 / math.sqrt(math.prod(leaf.shape[:-1])) if name == "kernel" else 0.1
-        return (scale * rng.standard_normal(leaf.shape, dtype=np.float32)).astype(leaf.dtype)
-    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, size))
-
-
-@functools.cache
-def compiled_apply(name: str, num_classes: int, train: bool = False):
-    """``create_model(name, num_classes).apply`` in eval or train mode, jitted once for all tests (compiling
-    a deep network takes seconds)."""
-    model = models.create_model(name, num_classes)
-    if train:
-        return jax.jit(lambda variables, images: model.apply(variables, images, train=True, mutable=["batch_stats"]))
-    return jax.jit(model.apply)
 
 
 def parameter_count(variables) -> int:

@@ -2,29 +2,14 @@
 (length, its checksum, the event, its checksum) parsed by hand, the events decoded with the protobuf
 definitions tensorboardX ships. test_train.py checks a real run's events the same way after a resume."""
 import os
-import struct
 
 import pytest
-from tensorboardX.proto import event_pb2
 
 from oat_jax.tensorboard import TensorBoardLog
+from conftest import scalars_of
 
 
-def scalars_of(folder) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of every event file in ``folder`` (one TensorBoard run); a step twice fails."""
-    scalars = {}
-    for name in sorted(os.listdir(folder)):
-        data = open(os.path.join(folder, name), "rb").read()
-        position = 0
-        while position < len(data):
-            (length,) = struct.unpack("<Q", data[position:position + 8])
-            event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
-            position += 12 + length + 4
-            for value in event.summary.value:
-                steps = scalars.setdefault(value.tag, {})
-                assert event.step not in steps, f"{value.tag} logged twice at step {event.step}"
-                steps[event.step] = value.simple_value
-    return scalars
+
 
 
 def _record(arm, epoch, seed, accuracy):

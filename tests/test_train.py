@@ -15,8 +15,7 @@ from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.experiment import Experiment
 from oat_jax.workdir import WorkdirMismatch
-from conftest import STANDIN_MODEL
-from test_tensorboard import scalars_of
+from conftest import STANDIN_MODEL, scalars_of
 
 
 TIMINGS = ("epoch_seconds", "compile_seconds")  # the fields two runs of one config may differ in

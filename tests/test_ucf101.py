@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from oat_jax.data import DatasetError, DatasetUnavailable, load_dataset, locations, tfds_source, tfds_video, ucf101
-# isolated is an autouse fixture: imported, it applies here too.
-from test_data_folders import COLOURS, colour_index, isolated, write_video  # noqa: F401
+from conftest import COLOURS, colour_index, write_video
+
+pytestmark = pytest.mark.usefixtures("isolated_data")  # only this test's data and cache are visible
 
 CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups"]
 # (list path, split); the video written for entry k shows COLOURS[k] in its middle frame.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from test_resnets import compiled_apply, random_variables
+from conftest import compiled_apply, random_variables
 
 from oat_jax import models
 from oat_jax.models.weights import (
