@@ -73,7 +73,7 @@ def _permuted_copy(source, folder):
 
 
 SMALL = ["--config.train_limit=600", "--config.test_limit=300", "--config.validation_size=100",
-         "--config.num_epochs=3", "--config.pretrain_epochs=1", "--config.arms=ce,oat", "--config.batch_size=16"]
+         "--config.num_epochs=2", "--config.pretrain_epochs=1", "--config.arms=ce,oat", "--config.batch_size=16"]
 
 
 def _sweep(out, *extra, wait=True):
@@ -106,7 +106,7 @@ def test_the_sweep_chooses_on_validation_resumes_and_confirms(tmp_path):
     _, errors = process.communicate(timeout=300)
     assert process.returncode == 130, errors
     assert "rerun the same command to resume" in errors.strip().splitlines()[-1]
-    assert not (tmp_path / "permuted" / "learning_rate=0.003" / "seed_100" / "summary.json").exists()
+    assert not (tmp_path / "permuted" / "selection.json").exists()  # stopped before the grid was done
     resumed = _sweep(tmp_path / "permuted", f"--config.data_dir={permuted}")
     assert resumed.returncode == 0, resumed.stderr
     selection = json.loads((tmp_path / "permuted" / "selection.json").read_text())
@@ -122,7 +122,7 @@ def test_the_sweep_chooses_on_validation_resumes_and_confirms(tmp_path):
     again = _sweep(tmp_path / "plain", f"--config.data_dir={source}")
     assert again.returncode == 0 and "running" not in again.stdout.replace("running: none", "")
     confirmed = subprocess.run([sys.executable, "-m", "oat_jax.sweep", "confirm", str(tmp_path / "plain"),
-                                "--seeds", "200-201", "--parallel", "2"], cwd=REPO, capture_output=True, text=True,
+                                "--seeds", "200", "--parallel", "2"], cwd=REPO, capture_output=True, text=True,
                                timeout=600)
     assert confirmed.returncode == 0, confirmed.stderr
     runs = sorted(p.relative_to(tmp_path / "plain" / "confirm").as_posix()
@@ -130,7 +130,7 @@ def test_the_sweep_chooses_on_validation_resumes_and_confirms(tmp_path):
     groups = {}
     for arm, choice in plain["arms"].items():
         groups.setdefault(sweep.setting_name(choice["chosen"]), []).append(arm)
-    assert runs == sorted(f"{name}/seed_{seed}" for name in groups for seed in (200, 201))
+    assert runs == sorted(f"{name}/seed_200" for name in groups)
     for name, arms in groups.items():
         summary = json.loads((tmp_path / "plain" / "confirm" / name / "seed_200" / "summary.json").read_text())
         assert sorted(summary["arms"]) == sorted(arms)
