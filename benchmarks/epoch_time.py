@@ -11,7 +11,7 @@ writes): a full training pass, then the evaluation of the whole test set with th
 for cross-entropy, each test batch's own anchor for OAT).
 
 Arms:
-- JAX ``ce`` and ``oat``: the training loop's own ``train.train_epoch`` and ``train.evaluate`` on an
+- JAX ``ce`` and ``oat``: the training loop's own ``train.train_epoch`` and ``evaluation.evaluate`` on an
   ``Experiment`` built from ``base_config()``, step by step from host memory (``fused_epoch=False``, what
   the default chooses on CPU); ``ce_fused`` and ``oat_fused`` (unless ``--no-fused``): the same epochs fused
   into one compiled loop over device-resident data (``fused_epoch=True``). On XLA:CPU the fused loop is the
@@ -27,7 +27,7 @@ Arms:
 
 The measurement is interleaved, so that all arms share the machine's noise: the outer loop runs over
 epochs, the inner one over the arms, and epoch e of every arm is measured close in time to the others'. The
-first epoch of a JAX arm compiles its steps: JAX's own compile events (``train._compiling``) give how much,
+first epoch of a JAX arm compiles its steps: JAX's own compile events (``train.CompileClock``) give how much,
 and the steady epochs (2..N) are the ones compared. After the last epoch, the final OAT state (JAX, step by
 step) is evaluated ``--eval-repeats`` times three ways: argmax, OAT with each test batch's anchor, and the
 paper's slower alternative, per-class anchors precomputed over the training set with the nearest one chosen
@@ -44,13 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, torch_reference
-from oat_jax import data, input_pipeline, oat, steps, train
+from oat_jax import data, evaluation, input_pipeline, oat, objectives, steps, train
 from oat_jax.config_schema import base_config
 from oat_jax.experiment import Experiment
 
 BATCH_SIZE = EVAL_BATCH_SIZE = 32
 LEARNING_RATE, MOMENTUM = 0.001, 0.9
-DECODES = {"ce": "argmax", "oat": "anchor"}
+DECODES = {objective: objectives.get(objective).decode for objective in ("ce", "oat")}
 
 
 def _parse():
@@ -131,19 +131,20 @@ class _JaxArm:
 
     def __init__(self, exp: Experiment, objective: str):
         self.exp, self.objective, self.decode = exp, objective, DECODES[objective]
-        self.fused = exp.on_device is not None
+        self.steps, self.fused = exp.bind_steps(objective), exp.on_device is not None
         # A copy: the steps donate their input states, and every arm starts from the same template.
         self.states = jax.tree.map(lambda leaf: leaf.copy(), exp.template)
 
     def run_epoch(self, epoch: int) -> dict:
-        compiled, started = train._compiling[0], time.perf_counter()
-        self.states, _ = train.train_epoch(self.exp, self.states, epoch, self.objective, self.objective)
-        trained = time.perf_counter()
-        accuracy = train.evaluate(self.exp, self.states, decodes=(self.decode,),
-                                  batch_size=EVAL_BATCH_SIZE)[self.decode][0]
-        ended = time.perf_counter()
+        with train.CompileClock() as clock:
+            started = time.perf_counter()
+            self.states, _ = train.train_epoch(self.exp, self.steps, self.states, epoch, self.objective)
+            trained = time.perf_counter()
+            accuracy = evaluation.evaluate(self.exp, self.states, decodes=(self.decode,),
+                                           batch_size=EVAL_BATCH_SIZE)[self.decode][0]
+            ended = time.perf_counter()
         return {"epoch_s": ended - started, "train_s": trained - started, "eval_s": ended - trained,
-                "compile_s": train._compiling[0] - compiled, "test_accuracy": accuracy}
+                "compile_s": clock.seconds, "test_accuracy": accuracy}
 
 
 class _TorchArm:
@@ -200,7 +201,8 @@ def _evaluation_comparison(exp: Experiment, states, repeats: int) -> dict:
     for _ in range(repeats):
         for key, decode in DECODES.items():
             started = time.perf_counter()
-            accuracies[key] = train.evaluate(exp, states, decodes=(decode,), batch_size=EVAL_BATCH_SIZE)[decode][0]
+            accuracies[key] = evaluation.evaluate(exp, states, decodes=(decode,),
+                                                  batch_size=EVAL_BATCH_SIZE)[decode][0]
             seconds[key].append(time.perf_counter() - started)
         anchors_s, eval_s, accuracies["oat_class_anchors"] = _class_anchor_evaluation(state, exp)
         precompute.append(anchors_s)

@@ -62,17 +62,16 @@ def _time_arm(args, model, mesh, objective, per_device_anchor):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (1, batch) + args.image_shape, dtype=np.uint8)
     labels = rng.integers(0, args.num_classes, (1, batch)).astype(np.int32)
-    images, labels, masks = sharding.place_batch((images, labels, np.ones((1, batch), bool)), mesh)
+    placed = sharding.place_batch((images, labels, np.ones((1, batch), bool)), mesh)
     mean = np.full(args.image_shape[-1], 0.5, np.float32)
     std = np.full(args.image_shape[-1], 0.25, np.float32)
     state = state_lib.create_train_state(model, args.image_shape, base_config(), 0)
     states = sharding.place_states(jax.tree.map(lambda leaf: leaf[None], state), mesh)  # one replica
     metrics = sharding.place_states(steps.new_metrics(1, args.num_classes), mesh)
-    settings = LossSettings(anchor_groups=mesh.size if per_device_anchor else 1)
+    settings = steps.StepSettings(mean, std, steps.sampled_steps(args.steps), objective,
+                                  LossSettings(anchor_groups=mesh.size if per_device_anchor else 1))
     first, stats, _ = common.time_training_steps(
-        states, lambda states: steps.train_step_replicas(states, metrics, images, labels, masks,
-                                                         steps.sampled_steps(args.steps), mean, std,
-                                                         objective=objective, settings=settings),
+        states, lambda states: steps.train_step_replicas(states, metrics, placed, settings),
         args.steps, args.repeats, args.steps_in_flight)
     return first, stats
 

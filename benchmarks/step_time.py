@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks import common, torch_reference
 from oat_jax import state as state_lib
-from oat_jax import steps
+from oat_jax import objectives, steps
 from oat_jax.objectives import LossSettings
 from oat_jax.config_schema import base_config
 
@@ -108,18 +108,20 @@ def _initial_states(args, config, model, replicas):
     return jax.tree.map(lambda leaf: leaf.copy(), _INITIAL[replicas])
 
 
+def _normalisation(args) -> tuple[np.ndarray, np.ndarray]:
+    """A per-channel mean and std to standardise the random images with."""
+    return np.full(args.image_shape[-1], 0.5, np.float32), np.full(args.image_shape[-1], 0.25, np.float32)
+
+
 def _time_train_steps(args, config, model, objective, replicas):
     """(first call seconds, ms per step) of the training loop's step for K replicas."""
-    images, labels, masks = _batch(args, replicas)
-    mean = np.full(args.image_shape[-1], 0.5, np.float32)
-    std = np.full(args.image_shape[-1], 0.25, np.float32)
+    batch = _batch(args, replicas)
     states = _initial_states(args, config, model, replicas)
-    metrics, sample_at = steps.new_metrics(replicas, args.num_classes), steps.sampled_steps(args.steps)
-    settings = LossSettings(variant=args.variant)
+    metrics = steps.new_metrics(replicas, args.num_classes)
+    settings = steps.StepSettings(*_normalisation(args), steps.sampled_steps(args.steps), objective,
+                                  LossSettings(variant=args.variant))
     return common.time_training_steps(
-        states, lambda states: steps.train_step_replicas(states, metrics, images, labels, masks, sample_at, mean, std,
-                                                         objective=objective, settings=settings),
-        args.steps, args.repeats)
+        states, lambda states: steps.train_step_replicas(states, metrics, batch, settings), args.steps, args.repeats)
 
 
 def _jax_figures(args) -> dict:
@@ -132,16 +134,16 @@ def _jax_figures(args) -> dict:
         figures["first_call_s"][f"train_{objective}"] = first
         figures["train_ms"][objective] = stats
 
-    images, labels, masks = _batch(args, 1)
-    mean = np.full(args.image_shape[-1], 0.5, np.float32)
-    std = np.full(args.image_shape[-1], 0.25, np.float32)
+    batch = _batch(args, 1)
+    settings = steps.StepSettings(*_normalisation(args), loss=LossSettings(variant=args.variant))
     train_anchors = np.full((1, args.num_classes), 1 / args.num_classes, np.float32)  # used by no decoding here
-    for key, decode in (("ce", "argmax"), ("oat", "anchor")):  # keyed by the arm whose decoding it is
+    for key in ("ce", "oat"):  # keyed by the arm whose decoding it is
+        decode = objectives.get(key).decode
+
         def evals(count):
             out = None
             for _ in range(count):
-                out = steps.eval_step_replicas(states, images, labels, masks, train_anchors, mean, std,
-                                               variant=args.variant, decodes=(decode,))
+                out = steps.eval_step_replicas(states, batch, train_anchors, settings, decodes=(decode,))
             jax.block_until_ready(out)
 
         started = time.perf_counter()

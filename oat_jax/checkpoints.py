@@ -11,9 +11,9 @@ stays where it is. Saving on a full disk raises ``disk_full.WorkdirFull``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import shutil
 import sys
 import threading
 from typing import NamedTuple
@@ -32,7 +32,7 @@ class CheckpointMismatch(RuntimeError):
 
 
 # Set once a save met a full disk: the run ends with one line (WorkdirFull), and what Orbax's threads still
-# log about the abandoned save is noise.
+# report about the abandoned save is noise.
 _SAVE_FAILED = threading.Event()
 
 
@@ -45,16 +45,28 @@ class _QuietAfterFullDisk(logging.Filter):
         return not (record.exc_info and (_SAVE_FAILED.is_set() or is_disk_full(record.exc_info[1])))
 
 
-def _quiet_closed_loop(unraisable, hook=sys.unraisablehook):
+def _quiet_closed_loop(unraisable, hook):
     """Tensorstore writes of a failed save that finish after Orbax closed its event loop report the closed loop
     as an 'unraisable' RuntimeError with a traceback, which says nothing about the checkpoint: not printed."""
     if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
         hook(unraisable)
 
 
-for _logger in ("absl", "asyncio"):
-    logging.getLogger(_logger).addFilter(_QuietAfterFullDisk())
-sys.unraisablehook = _quiet_closed_loop
+@contextlib.contextmanager
+def quiet_checkpoint_noise():
+    """For the block (a run), what Orbax and tensorstore report of a failed save or restore besides the error
+    its caller gets is not printed; the loggers' filters and ``sys.unraisablehook`` are as they were after it."""
+    quiet, hook = _QuietAfterFullDisk(), sys.unraisablehook
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    sys.unraisablehook = functools.partial(_quiet_closed_loop, hook=hook)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -78,7 +90,7 @@ class ResumePoint(NamedTuple):
 
 
 class ArmCheckpoints:
-    """The checkpoints of one arm ("pretrain" or an objective's name) in one Orbax manager:
+    """The checkpoints of one arm (``names.PRETRAIN`` or an objective's name) in one Orbax manager:
     ``<workdir>/checkpoints/<arm>/<optimiser step>``, each holding the replicas' ``state`` and, for an epoch
     stopped part-way (Ctrl-C, SIGTERM), its running metrics as ``progress``. Orbax's custom metadata says
     which epoch a checkpoint ends ({"epoch": e, "steps_done": None}) or how far into which epoch it stopped
@@ -86,8 +98,7 @@ class ArmCheckpoints:
 
     Two are kept, so the previous one survives while the next is written. A finished epoch is saved in the
     background while the next epoch trains (Orbax first copies the arrays, so the next steps may overwrite
-    them); ``close`` and every restore wait for it. Checkpoints of earlier versions (one per epoch, numbered
-    by epoch, a single item) are read as finished epochs.
+    them); ``close`` and every restore wait for it.
     """
 
     def __init__(self, workdir: str, arm: str, max_to_keep: int = 2):
@@ -97,20 +108,18 @@ class ArmCheckpoints:
         handler = ocp.StandardCheckpointHandler
         with writing(self.directory):
             self._manager = ocp.CheckpointManager(
-                self.directory, item_handlers={"state": handler(), "progress": handler(), _LEGACY: handler()},
+                self.directory, item_handlers={"state": handler(), "progress": handler()},
                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                      enable_async_checkpointing=True))
-        if distributed.is_primary():  # part-way epochs of earlier versions: their epoch starts over
-            shutil.rmtree(self.directory + "-partial", ignore_errors=True)
 
     def _point(self, step: int) -> tuple[int, int | None] | None:
         """(epoch, steps done of it, None when the checkpoint ends the epoch) of a saved step; None when its
         metadata cannot be read (a damaged checkpoint)."""
         try:
-            saved = self._manager.metadata(step).custom_metadata or {}
+            saved = self._manager.metadata(step).custom_metadata
+            return saved["epoch"], saved["steps_done"]
         except Exception:  # as in restore_latest
             return None
-        return (saved["epoch"], saved.get("steps_done")) if "epoch" in saved else (step, None)
 
     def latest_epoch(self) -> int | None:
         """The last finished epoch with a checkpoint, None without one."""
@@ -140,14 +149,13 @@ class ArmCheckpoints:
         self._in_flight = None
 
     def _restore(self, step: int, template, with_progress: bool):
-        name = _LEGACY if os.path.isdir(os.path.join(self.directory, str(step), _LEGACY)) else "state"
-        _check_fits(os.path.join(self.directory, str(step)), lambda: self._manager.item_metadata(step)[name],
+        _check_fits(os.path.join(self.directory, str(step)), lambda: self._manager.item_metadata(step)["state"],
                     template)
-        items = {name: ocp.args.StandardRestore(template)}
+        items = {"state": ocp.args.StandardRestore(template)}
         if with_progress:
             items["progress"] = ocp.args.StandardRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored[name], restored["progress"] if with_progress else None
+        return restored["state"], restored["progress"] if with_progress else None
 
     def restore(self, epoch: int, template):
         """The states saved at the end of ``epoch``, with the structure (and static fields) of ``template``;
@@ -194,10 +202,6 @@ class ArmCheckpoints:
         """Waits for a save in flight to be complete on disk."""
         self.wait()
         self._manager.close()
-
-
-# The item name of checkpoints saved by earlier versions (a single, unnamed item).
-_LEGACY = "default"
 
 
 def _check_fits(path: str, read_metadata, template) -> None:

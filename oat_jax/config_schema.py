@@ -12,7 +12,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from oat_jax import data, models, oat, objectives, sharding
-from oat_jax.workdir import METHOD_ARMS  # the older way to name the arms, still accepted
+from oat_jax.names import CE, OAT
+
 NORMALISATIONS = ("dataset", "imagenet")
 INITS = ("torch", "flax")
 
@@ -43,7 +44,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.reset_momentum = True     # fresh optimiser when OAT starts, as the released code does (IDT-ITI/OAT,
                                      # oat_efficientnet.py, builds a new optimiser for OAT)
     config.arms = "ce,oat"           # objectives trained from one shared pre-training (oat_jax.objectives)
-    config.method = ""               # shorthand for arms, as older configs say: "both", "ce" or "oat"
     config.variant = "released"      # OAT anchor: "released" (double softmax) or "paper" (eq. 1)
     config.square_k = 1.0            # the "square" arm: weight k of the label's term (Hui & Belkin)
     config.square_m = 1.0            # the "square" arm: target M of the label's output
@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.stall_timeout_seconds = 30.0  # with several devices: end a run whose devices stop answering (0 = never)
     # The paper's figures for this experiment (table "" = the paper has none), printed beside ours and
     # used by ``python -m oat_jax.report`` to place the run in the paper's table.
-    config.paper = ml_collections.ConfigDict({"table": "", "setting": "", "ce": 0.0, "oat": 0.0})
+    config.paper = ml_collections.ConfigDict({"table": "", "setting": "", CE: 0.0, OAT: 0.0})
     # A run over several processes (hosts), see oat_jax.distributed; each field falls back to an environment
     # variable (OAT_COORDINATOR_ADDRESS, OAT_NUM_PROCESSES, OAT_PROCESS_ID). Not part of the run's identity:
     # a run may resume on another number of processes.
@@ -155,14 +155,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"unknown dataset '{config.dataset}'; known datasets: {', '.join(data.dataset_names())}")
     require(config.model in models.model_names(),
             f"unknown model '{config.model}'; known models: {', '.join(models.model_names())}")
-    require(config.method in ("", *METHOD_ARMS),
-            f"method must be one of {', '.join(METHOD_ARMS)} (or set arms instead), got '{config.method}'")
     try:
-        objectives.parse_arms(config.arms)
+        arms = objectives.parse_arms(config.arms)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    require(not config.method or config.arms in (base_config().arms, METHOD_ARMS[config.method]),
-            f"method '{config.method}' and arms '{config.arms}' disagree; set only arms")
     require(config.variant in oat.VARIANTS,
             f"variant must be one of {', '.join(oat.VARIANTS)}, got '{config.variant}'")
     require(config.init in INITS, f"init must be one of {', '.join(INITS)}, got '{config.init}'")
@@ -177,7 +173,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(0 <= config.pretrain_epochs <= config.num_epochs,
             f"pretrain_epochs must lie in 0..num_epochs ({config.num_epochs}), got {config.pretrain_epochs}; set "
             f"--config.pretrain_epochs too (e.g. --config.pretrain_epochs={config.num_epochs // 2})")
-    require(arms_of(config) == [objectives.PRETRAINING] or config.pretrain_epochs < config.num_epochs,
+    require(arms == [objectives.PRETRAINING] or config.pretrain_epochs < config.num_epochs,
             f"pretrain_epochs ({config.pretrain_epochs}) leaves no epoch for the arms after the pre-training "
             f"(num_epochs {config.num_epochs})")
     require(config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}")
@@ -190,7 +186,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.seed + config.num_seeds <= 2 ** 32, f"seed + num_seeds must be at most 2**32 (JAX's keys take "
                                                       f"32 bits of a seed), got {config.seed} + {config.num_seeds}; "
                                                       "pass a smaller seed")
-    for arm in ("ce", "oat"):
+    for arm in (CE, OAT):
         require(0 <= config.paper[arm] <= 100, f"paper.{arm} must be a test accuracy in % (0..100, 0 = the paper "
                                                f"has none), got {config.paper[arm]}")
     require(config.anchor_scope in sharding.ANCHOR_SCOPES,
@@ -217,11 +213,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(config.imbalance_seed >= 0, f"imbalance_seed must be non-negative, got {config.imbalance_seed}")
     require(math.isfinite(config.logit_adjustment_tau) and config.logit_adjustment_tau >= 0,
             f"logit_adjustment_tau must be a finite non-negative number, got {config.logit_adjustment_tau}")
-
-
-def arms_of(config) -> list[str]:
-    """The arms a config trains: ``arms``, or what the shorthand ``method`` names."""
-    return objectives.parse_arms(METHOD_ARMS[config.method] if config.method else config.arms)
 
 
 def finetune_config(dataset: str, model: str) -> ml_collections.ConfigDict:

@@ -29,19 +29,30 @@ STALL_EXIT_CODE = 5
 
 
 class StallWatchdog:
-    """Ends the process with one line when a wait inside ``waiting`` lasts over ``timeout`` seconds
-    (0 = never)."""
+    """Ends the process with one line when a wait inside ``waiting`` lasts over ``timeout`` seconds, while
+    ``running`` (a run); otherwise it watches nothing, and no thread of it is left."""
 
-    def __init__(self, timeout: float = 0, hint: str = ""):
-        self.configure(timeout, hint)
+    def __init__(self):
+        self.timeout, self.hint = 0.0, ""
         self._since: float | None = None
         self._what: Callable[[], str] = str
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()
 
-    def configure(self, timeout: float, hint: str = "") -> None:
-        """``hint`` ends the message: what to try (it ends with "; ")."""
+    @contextlib.contextmanager
+    def running(self, timeout: float, hint: str = ""):
+        """Watches for the block (0 = never); ``hint`` ends the message: what to try (it ends with "; ")."""
         self.timeout, self.hint = timeout, hint
+        try:
+            yield self
+        finally:
+            self.timeout = 0.0
+            if self._thread is not None:
+                self._done.set()
+                self._thread.join()
+                self._thread = None
+                self._done.clear()
 
     @contextlib.contextmanager
     def waiting(self, what: Callable[[], str]):
@@ -49,7 +60,9 @@ class StallWatchdog:
         if not self.timeout:
             yield
             return
-        self._start()
+        if self._thread is None:  # started by the first wait, so that a run on one device has none
+            self._thread = threading.Thread(target=self._watch, name="oat_jax-stall-watchdog", daemon=True)
+            self._thread.start()
         with self._lock:
             self._since, self._what = time.monotonic(), what
         try:
@@ -58,14 +71,8 @@ class StallWatchdog:
             with self._lock:
                 self._since = None
 
-    def _start(self):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="oat_jax-stall-watchdog", daemon=True)
-            self._thread.start()
-
     def _watch(self):
-        while True:
-            time.sleep(min(1.0, self.timeout / 4 or 1.0))
+        while not self._done.wait(min(1.0, self.timeout / 4 or 1.0)):
             with self._lock:
                 stalled = bool(self.timeout and self._since is not None
                                and time.monotonic() - self._since > self.timeout)
@@ -78,7 +85,7 @@ class StallWatchdog:
                 os._exit(STALL_EXIT_CODE)
 
 
-# One per process: its thread outlives a run, and a run configures it (train.train_and_evaluate).
+# One per process, watching while a run holds it running (train.train_and_evaluate).
 WATCHDOG = StallWatchdog()
 
 

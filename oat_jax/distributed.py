@@ -116,6 +116,12 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def warn(message: str) -> None:
+    """A warning line on stderr, from process 0 alone."""
+    if is_primary():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def barrier(name: str) -> None:
     """Waits until every process has reached the barrier of this name (nothing to wait for when alone)."""
     if jax.process_count() > 1:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 
+from oat_jax.names import BATCH, CE, OAT, UNIFORM
 from oat_jax.workdir import CHECKPOINTS_DIR, WorkdirError, read_config, read_json, write_json
 
 RESULTS_FILE = "eval_batch_sizes.json"
@@ -23,8 +24,8 @@ class NoCheckpoint(RuntimeError):
 
 
 def run_config(workdir: str):
-    """The run's configuration: ``base_config()`` updated from its config.json as ``workdir.read_config``
-    completes it (fields unknown to this version are ignored)."""
+    """The run's configuration: ``base_config()`` updated from its config.json (fields unknown to this version
+    are ignored)."""
     from oat_jax.config_schema import base_config
     config = base_config()
     config.update({key: value for key, value in read_config(workdir).items() if key in config})
@@ -58,9 +59,9 @@ class _Evaluator:
     """The run's experiment (dataset, normalisation, model template), built once for several evaluations."""
 
     def __init__(self, workdir: str, config):
-        from oat_jax import train
+        from oat_jax import evaluation
         from oat_jax.experiment import Experiment
-        self.workdir, self._train = workdir, train
+        self.workdir, self._evaluation = workdir, evaluation
         self.experiment = Experiment.build(config)
 
     @property
@@ -72,9 +73,9 @@ class _Evaluator:
             return checkpoints.restore(epoch, self.experiment.template)
 
     def accuracies(self, states, decode: str, batch_size: int) -> list[float]:
-        """Per-seed test accuracy (%) of the states, decoded by ``decode`` ("argmax" or "anchor"), in test
+        """Per-seed test accuracy (%) of the states, decoded by ``decode`` (of ``names.DECODES``), in test
         batches of ``batch_size`` (0 = the whole test set)."""
-        return self._train.evaluate(self.experiment, states, (decode,), batch_size or self.test_samples)[decode]
+        return self._evaluation.evaluate(self.experiment, states, (decode,), batch_size or self.test_samples)[decode]
 
 
 def evaluate_batch_sizes(workdir: str, sizes=DEFAULT_SIZES) -> dict:
@@ -87,8 +88,8 @@ def evaluate_batch_sizes(workdir: str, sizes=DEFAULT_SIZES) -> dict:
     Raises NoCheckpoint when the run has no OAT checkpoint.
     """
     config = run_config(workdir)
-    epochs = {arm: checkpoint_epoch(workdir, arm) for arm in ("oat", "ce")}
-    if epochs["oat"] is None:
+    epochs = {arm: checkpoint_epoch(workdir, arm) for arm in (OAT, CE)}
+    if epochs[OAT] is None:
         raise NoCheckpoint(f"{workdir} has no checkpoint of the OAT arm to evaluate (the run's arms are "
                            f"'{config.arms}'; with an 'oat' arm, OAT has not finished an epoch yet)")
     try:
@@ -97,21 +98,21 @@ def evaluate_batch_sizes(workdir: str, sizes=DEFAULT_SIZES) -> dict:
         previous = None  # none yet, or unreadable: evaluated afresh
     if previous and previous.get("checkpoint_epochs") != epochs:
         previous = None  # from older checkpoints: evaluated afresh
-    oat, ce = (dict(previous["oat"]), previous["ce"]) if previous else ({}, None)
+    oat, ce = (dict(previous[OAT]), previous[CE]) if previous else ({}, None)
     wanted = [size for size in sizes if str(size) not in oat]
-    if previous and not wanted and (ce is not None or epochs["ce"] is None):
+    if previous and not wanted and (ce is not None or epochs[CE] is None):
         return previous
     evaluator = _Evaluator(workdir, config)
     if wanted:
-        states = evaluator.restore("oat", epochs["oat"])
+        states = evaluator.restore(OAT, epochs[OAT])
     for size in wanted:
         shown = size or f"{evaluator.test_samples} (the whole test set)"
-        _progress(f"evaluating the OAT checkpoint of epoch {epochs['oat']} in test batches of {shown}")
-        oat[str(size)] = evaluator.accuracies(states, "anchor", size)
-    if ce is None and epochs["ce"] is not None:
-        _progress(f"evaluating the cross-entropy checkpoint of epoch {epochs['ce']}")
-        ce = evaluator.accuracies(evaluator.restore("ce", epochs["ce"]), "argmax", config.eval_batch_size)
+        _progress(f"evaluating the OAT checkpoint of epoch {epochs[OAT]} in test batches of {shown}")
+        oat[str(size)] = evaluator.accuracies(states, BATCH, size)
+    if ce is None and epochs[CE] is not None:
+        _progress(f"evaluating the cross-entropy checkpoint of epoch {epochs[CE]}")
+        ce = evaluator.accuracies(evaluator.restore(CE, epochs[CE]), UNIFORM, config.eval_batch_size)
     results = {"checkpoint_epochs": epochs, "seeds": evaluator.experiment.seeds,
-               "test_samples": evaluator.test_samples, "oat": oat, "ce": ce}
+               "test_samples": evaluator.test_samples, OAT: oat, CE: ce}
     write_json(os.path.join(workdir, RESULTS_FILE), results)
     return results

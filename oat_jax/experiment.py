@@ -1,16 +1,16 @@
 """An experiment, built once from its config: the dataset and its normalisation, the model, the device mesh,
-the replicas' initial states, and the jitted steps bound to all of these. The training loop and the
-evaluation take it instead of a dozen arguments."""
+the replicas' initial states, and each arm's jitted steps bound to all of these (``Experiment.bind_steps``). The
+training loop and the evaluation take it instead of a dozen arguments."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
 
-from oat_jax import config_schema, data, input_pipeline, models, sharding, steps
+from oat_jax import config_schema, data, input_pipeline, models, objectives, sharding, steps
 from oat_jax.data import longtail
 from oat_jax import state as state_lib
 from oat_jax.objectives import LossSettings
@@ -53,6 +53,18 @@ def fused_epochs(config) -> bool:
     return config.fused_epoch if config.fused_epoch is not None else jax.default_backend() != "cpu"
 
 
+class ArmSteps(NamedTuple):
+    """An arm's jitted steps (``Experiment.bind_steps``), bound once to what they close over (the objective and
+    its loss settings, the normalisation, the mesh; the model comes with the states), called with host batches:
+    ``train(states, metrics, batch)`` -> (states, metrics); where the training set is on the devices,
+    ``train_on_device(states, metrics, orders, first_step)``, the rest of an epoch as one compiled loop; and
+    ``evaluate(states, batch, train_anchors, decodes=, with_loss=)`` -> counts (``steps.eval_step_replicas``)."""
+    objective: str | None
+    train: Callable
+    train_on_device: Callable | None
+    evaluate: Callable
+
+
 @dataclasses.dataclass
 class Experiment:
     config: Any
@@ -64,10 +76,8 @@ class Experiment:
     seeds: list[int]  # the replicas trained side by side
     arms: list[str]  # objective names, each trained from the shared pre-training
     template: Any  # the replicas' initial states (a restored checkpoint takes its structure)
-    on_device: tuple | None  # (train images, labels) on every device, for fused epochs
-    train_step: Callable  # steps.train_step_replicas, bound; (states, metrics, *batch, sample_at, objective=)
-    train_steps_on_device: Callable  # steps.train_steps_on_device, bound
-    eval_step: Callable  # steps.eval_step_replicas, bound; (states, *batch, decodes=)
+    on_device: steps.OnDevice | None  # the training set on every device, for fused epochs
+    loss: LossSettings
 
     @classmethod
     def build(cls, config, dataset: data.Dataset | None = None) -> Experiment:
@@ -86,26 +96,37 @@ class Experiment:
         mean, std = normalisation_statistics(config, dataset)
         template = state_lib.create_replicas(model, dataset.train_images.shape[1:], config, pretrained)
         # A fused epoch gathers its batches on the devices: every device holds the whole training set.
-        on_device = (sharding.place_states((dataset.train_images, dataset.train_labels), mesh)
+        on_device = (steps.OnDevice(*sharding.place_states((dataset.train_images, dataset.train_labels), mesh),
+                                    len(dataset.train_labels), config.batch_size, sharding.batch_sharding(mesh))
                      if fused_epochs(config) else None)
         prior = longtail.class_prior(dataset.train_labels, dataset.num_classes)
-        settings = LossSettings(config.variant, config.anchor_gradient, sharding.anchor_groups(config, mesh),
-                                config.square_k, config.square_m, config.label_smoothing,
-                                tuple(float(p) for p in prior), config.logit_adjustment_tau)
+        loss = LossSettings(config.variant, config.anchor_gradient, sharding.anchor_groups(config, mesh),
+                            config.square_k, config.square_m, config.label_smoothing, tuple(float(p) for p in prior),
+                            config.logit_adjustment_tau)
         return cls(config, dataset, prior, mean, std, mesh, state_lib.replica_seeds(config),
-                   config_schema.arms_of(config), template, on_device,
-                   functools.partial(steps.train_step_replicas, mean=mean, std=std, settings=settings),
-                   functools.partial(steps.train_steps_on_device, mean=mean, std=std, settings=settings,
-                                     batch_size=config.batch_size, batch_sharding=sharding.batch_sharding(mesh)),
-                   functools.partial(steps.eval_step_replicas, mean=mean, std=std, variant=config.variant,
-                                     settings=settings))
+                   objectives.parse_arms(config.arms), template, on_device, loss)
+
+    def bind_steps(self, objective: str | None = None) -> ArmSteps:
+        """The steps of an arm of ``objective`` (None: evaluation alone, with the config's anchor variant)."""
+        settings = steps.StepSettings(self.mean, self.std, steps.sampled_steps(self.steps_per_epoch()), objective,
+                                      self.loss)
+        place = functools.partial(sharding.place_batch, mesh=self.mesh)
+
+        def train(states, metrics, batch):
+            return steps.train_step_replicas(states, metrics, place(batch), settings)
+
+        def train_on_device(states, metrics, orders, first_step):
+            return steps.train_steps_on_device(states, metrics, (orders, first_step), settings, self.on_device,
+                                               num_steps=self.steps_per_epoch() - first_step)
+
+        def evaluate(states, batch, train_anchors, **options):
+            return steps.eval_step_replicas(states, place(batch), train_anchors, settings, **options)
+
+        return ArmSteps(objective, train, None if self.on_device is None else train_on_device, evaluate)
 
     @property
     def num_classes(self) -> int:
         return self.dataset.num_classes
-
-    def new_metrics(self) -> dict:
-        return steps.new_metrics(len(self.seeds), self.num_classes)
 
     def steps_per_epoch(self) -> int:
         return input_pipeline.num_batches(len(self.dataset.train_labels), self.config.batch_size)
@@ -145,9 +166,6 @@ class Experiment:
         per_replica = [input_pipeline.batches(images, labels, order, batch_size) for order in orders]
         for parts in zip(*per_replica):
             yield tuple(np.stack(arrays) for arrays in zip(*parts))
-
-    def place(self, batch: tuple) -> tuple:
-        return sharding.place_batch(batch, self.mesh)
 
     def fresh_optimiser(self, states):
         """The states with a new optimiser state (momentum zeroed), as an arm starts with ``reset_momentum``."""

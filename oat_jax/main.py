@@ -33,6 +33,7 @@ from oat_jax import workdir as workdir_lib  # noqa: E402
 from oat_jax.checkpoints import CheckpointMismatch  # noqa: E402
 from oat_jax.disk_full import WorkdirFull  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
+from oat_jax.names import CE, OAT  # noqa: E402
 from oat_jax.sharding import ShardingError  # noqa: E402
 from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
 from oat_jax.train import (StoppedBeforeTraining, TrainingDiverged, request_stop, stop_requested,  # noqa: E402
@@ -42,7 +43,7 @@ from oat_jax.workdir import WorkdirBusy, WorkdirMismatch  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and summary.json.")
 
-_ARM_NAMES = {"ce": "cross-entropy", "oat": "OAT"}  # other arms go by their objective's name
+_ARM_NAMES = {CE: "cross-entropy", OAT: "OAT"}  # other arms go by their objective's name
 
 
 def _fail(message: str, code: int = 2):

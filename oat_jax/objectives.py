@@ -1,10 +1,10 @@
 """Training objectives by name: what an arm of an experiment minimises and how its outputs are read.
 
 An arm (``config.arms``) names one objective. Each objective gives its loss per example on (outputs, labels,
-mask) and how a test batch's outputs are decoded: "argmax" of the outputs, or "anchor", OAT's decoding with
-the test batch's own anchor. An objective that builds its targets from the batch anchor (``uses_anchor``)
-gets OAT's telemetry (the largest target met). Adding an objective takes one loss function and one entry
-in ``OBJECTIVES``.
+mask) and how a test batch's outputs are decoded (of ``names.DECODES``): with the uniform anchor (the argmax
+of the outputs), or with the test batch's own anchor (OAT's). An objective that builds its targets from the
+batch anchor (``uses_anchor``) gets OAT's telemetry (the largest target met). Adding an objective takes one
+loss function and one entry in ``OBJECTIVES``.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from oat_jax import oat
+from oat_jax.names import BATCH, CE, OAT, PRETRAIN, UNIFORM
 
 
 class LossSettings(NamedTuple):
@@ -31,7 +32,7 @@ class LossSettings(NamedTuple):
 
 class Objective(NamedTuple):
     loss: Callable  # (outputs (B, C), labels (B,), mask (B,), settings) -> (B,), 0 on padded rows
-    decode: str  # "argmax" or "anchor" (OAT's, with the test batch's anchor of ``variant``)
+    decode: str  # UNIFORM, or BATCH (OAT's, with the test batch's anchor of ``variant``)
     uses_anchor: bool
     variant: str | None = None  # the anchor variant of its telemetry and decoding; None = the config's
 
@@ -103,24 +104,35 @@ def smoothed_cross_entropy(outputs, labels, mask, settings: LossSettings):
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "ce": Objective(cross_entropy, decode="argmax", uses_anchor=False),
-    "oat": Objective(oat_regression, decode="anchor", uses_anchor=True),
+    CE: Objective(cross_entropy, decode=UNIFORM, uses_anchor=False),
+    OAT: Objective(oat_regression, decode=BATCH, uses_anchor=True),
     # Controls: does OAT's gain come from its online anchor (issue 14)?
-    "oat_paper": Objective(oat_paper, decode="anchor", uses_anchor=True, variant="paper"),
-    "oat_uniform": Objective(oat_uniform, decode="argmax", uses_anchor=False),
-    "square": Objective(square, decode="argmax", uses_anchor=False),
-    "ce_smooth": Objective(smoothed_cross_entropy, decode="argmax", uses_anchor=False),
+    "oat_paper": Objective(oat_paper, decode=BATCH, uses_anchor=True, variant="paper"),
+    "oat_uniform": Objective(oat_uniform, decode=UNIFORM, uses_anchor=False),
+    "square": Objective(square, decode=UNIFORM, uses_anchor=False),
+    "ce_smooth": Objective(smoothed_cross_entropy, decode=UNIFORM, uses_anchor=False),
     # Class imbalance: a prior correction by the fixed training prior, against OAT's online one.
-    "ce_logit_adjusted": Objective(logit_adjusted_cross_entropy, decode="argmax", uses_anchor=False),
-    "oat_prior": Objective(oat_prior, decode="argmax", uses_anchor=False),
+    "ce_logit_adjusted": Objective(logit_adjusted_cross_entropy, decode=UNIFORM, uses_anchor=False),
+    "oat_prior": Objective(oat_prior, decode=UNIFORM, uses_anchor=False),
 }
 
-# The arm that continues the shared pre-training (itself cross-entropy) has this objective.
-PRETRAINING = "ce"
+# The objective of the shared pre-training, which the arm of the same name continues.
+PRETRAINING = CE
 
 
 def get(name: str) -> Objective:
     return OBJECTIVES[name]
+
+
+def of_arm(arm: str) -> str:
+    """The objective an arm trains: its own name, the pre-training's cross-entropy for PRETRAIN."""
+    return PRETRAINING if arm == PRETRAIN else arm
+
+
+def anchor_variant(name: str | None, variant: str) -> str:
+    """The anchor variant of objective ``name``'s telemetry and decoding: its own, else the config's
+    ``variant`` (also for no objective)."""
+    return (name and get(name).variant) or variant
 
 
 def names() -> tuple[str, ...]:

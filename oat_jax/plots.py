@@ -23,11 +23,12 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
+from oat_jax.names import CE, OAT, PRETRAIN
 from oat_jax.workdir import METRICS_FILE, WorkdirError, read_config, read_json, read_records, replacing
 
-COLOURS = {"pretrain": "0.3", "ce": "tab:blue", "oat": "tab:orange", "oat_paper": "tab:red",
+COLOURS = {PRETRAIN: "0.3", CE: "tab:blue", OAT: "tab:orange", "oat_paper": "tab:red",
            "oat_uniform": "tab:green", "square": "tab:purple", "ce_smooth": "tab:brown"}
-NAMES = {"pretrain": "cross-entropy pre-training", "ce": "cross-entropy", "oat": "OAT",
+NAMES = {PRETRAIN: "cross-entropy pre-training", CE: "cross-entropy", OAT: "OAT",
          "oat_paper": "OAT, paper's anchor", "oat_uniform": "OAT, uniform anchor", "square": "square loss",
          "ce_smooth": "cross-entropy, smoothed labels"}
 _STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 9,
@@ -81,8 +82,8 @@ class Run:
     def chain(self, arm: str, key: str, whole_pretraining: bool = False) -> list[dict]:
         """An arm's records carrying ``key``, continuing the pre-training: the cross-entropy arm with all
         pre-training epochs, OAT from the last one (the state it starts from) or all of them."""
-        pretrain = self.arm_records("pretrain", key)
-        if arm != "ce" and not whole_pretraining:
+        pretrain = self.arm_records(PRETRAIN, key)
+        if arm != CE and not whole_pretraining:
             pretrain = [r for r in pretrain if r["epoch"] == self.pretrain_epochs]
         return pretrain + self.arm_records(arm, key)
 
@@ -132,12 +133,12 @@ def _draw_arms(ax, run: Run, key: str) -> None:
     """Every arm's ``key`` over epochs: the cross-entropy arm through the pre-training, the others (OAT, the
     controls) from its end."""
     drawn = 0
-    others = [arm for arm in dict.fromkeys(r["arm"] for r in run.records) if arm not in ("pretrain", "ce", "oat")]
-    for arm in ("ce", "oat", *others):
+    others = [arm for arm in dict.fromkeys(r["arm"] for r in run.records) if arm not in (PRETRAIN, CE, OAT)]
+    for arm in (CE, OAT, *others):
         records = run.chain(arm, key)
-        if arm == "ce" and not run.arm_records("ce", key):  # no cross-entropy arm: only the pre-training
-            arm = "pretrain"
-        if records and (arm in ("ce", "pretrain") or run.arm_records(arm, key)):
+        if arm == CE and not run.arm_records(CE, key):  # no cross-entropy arm: only the pre-training
+            arm = PRETRAIN
+        if records and (arm in (CE, PRETRAIN) or run.arm_records(arm, key)):
             _band(ax, *_by_epoch(records, key), COLOURS.get(arm, "0.6"), NAMES.get(arm, arm))
             drawn += 1
     if not drawn:
@@ -149,9 +150,9 @@ def _draw_arms(ax, run: Run, key: str) -> None:
 
 def _mark_oat_start(ax, run: Run) -> None:
     """A dashed line at the end of the pre-training, where OAT (or another arm) branches off."""
-    if any(r["arm"] not in ("pretrain", "ce") for r in run.records):
+    if any(r["arm"] not in (PRETRAIN, CE) for r in run.records):
         ax.axvline(run.pretrain_epochs, color="0.4", linestyle="--", linewidth=1,
-                   label=f"{'OAT' if any(r['arm'] == 'oat' for r in run.records) else 'the arms'} start "
+                   label=f"{'OAT' if any(r['arm'] == OAT for r in run.records) else 'the arms'} start "
                          f"(after epoch {run.pretrain_epochs})")
 
 
@@ -162,7 +163,7 @@ def accuracy_figure(run: Run) -> Figure:
     _draw_arms(ax, run, "test_accuracy")
     paper = run.config["paper"]
     if paper["table"]:
-        for arm in ("ce", "oat"):
+        for arm in (CE, OAT):
             ax.axhline(paper[arm], color=COLOURS[arm], linestyle=":", linewidth=1.5,
                        label=f"paper, {NAMES[arm]}: {paper[arm]:.3f}")
     ax.set_ylabel("test accuracy (%)")
@@ -185,7 +186,7 @@ def _anchor_matrix(run: Run, arm: str) -> tuple[np.ndarray, np.ndarray]:
 def anchor_heatmap_figure(run: Run) -> Figure:
     """The epoch-mean training anchor, class by epoch, of the first seed: pre-training then OAT, and
     pre-training then cross-entropy (whose anchor is computed the same way, unused by its loss)."""
-    arms = [arm for arm in ("oat", "ce") if run.arm_records(arm, "anchor")]
+    arms = [arm for arm in (OAT, CE) if run.arm_records(arm, "anchor")]
     if not arms:
         raise Skip("no epoch of an arm logs its mean anchor (a run from before the 'anchor' field was logged)")
     matrices = [_anchor_matrix(run, arm) for arm in arms]
@@ -236,7 +237,7 @@ _MOST_BARS = 20  # classes drawn as grouped bars; more are drawn as lines
 
 def prediction_share_figure(run: Run) -> Figure:
     """Each arm's share of test predictions per class at its last logged epoch."""
-    arms = [arm for arm in ("ce", "oat") if run.arm_records(arm, "prediction_share")]
+    arms = [arm for arm in (CE, OAT) if run.arm_records(arm, "prediction_share")]
     if not arms:
         raise Skip("no epoch logs 'prediction_share' (a run from before that field was logged)")
     fig = _figure()
@@ -281,15 +282,15 @@ def _step_points(run: Run, arm: str):
 def anchor_range_figure(run: Run) -> Figure:
     """The anchor's smallest and largest entry over epochs (epoch means, and single steps sampled within
     the epochs), and the largest OAT target |onehot(y)/a - 1| per epoch."""
-    if not run.arm_records("oat", "anchor_min") and not run.arm_records("ce", "anchor_min"):
+    if not run.arm_records(OAT, "anchor_min") and not run.arm_records(CE, "anchor_min"):
         raise Skip("no epoch logs 'anchor_min' / 'anchor_max'")
-    targets = run.arm_records("oat", "max_target")
+    targets = run.arm_records(OAT, "max_target")
     fig = _figure(height=9 if targets else 6)
     axes = fig.subplots(2 if targets else 1, 1, squeeze=False, sharex=True)[:, 0]
     ax = axes[0]
     _plain_values(ax)  # entries near 1/C
     handles = []
-    for arm in ("pretrain", "ce", "oat"):
+    for arm in (PRETRAIN, CE, OAT):
         drawn = False
         for key, style in (("anchor_max", "-"), ("anchor_min", "--")):
             records = run.arm_records(arm, key)
@@ -327,7 +328,7 @@ def _plain_values(ax) -> None:
 
 
 def _max_target_panel(ax, targets: list[dict]) -> None:
-    _band(ax, *_by_epoch(targets, "max_target"), COLOURS["oat"], "OAT")
+    _band(ax, *_by_epoch(targets, "max_target"), COLOURS[OAT], "OAT")
     values = [r["max_target"] for r in targets]
     if max(values) > 10 * min(values):  # spans decades (a diverging paper-variant anchor): log scale
         ax.set_yscale("log")
@@ -359,24 +360,24 @@ def eval_batch_size_figure(run: Run, results: dict, sizes) -> Figure:
     total = results["test_samples"]
     points = {}  # effective batch size -> accuracies per seed; a batch beyond the test set is all of it
     for size in sizes:
-        if str(size) in results["oat"]:
-            points[min(size or total, total)] = np.array(results["oat"][str(size)])
+        if str(size) in results[OAT]:
+            points[min(size or total, total)] = np.array(results[OAT][str(size)])
     if not points:
         raise Skip(f"{RESULTS_FILE} holds none of the batch sizes {', '.join(map(str, sizes))}")
     x = sorted(points)
     fig = _figure()
     ax = fig.subplots()
     epochs = results["checkpoint_epochs"]
-    _band(ax, x, [points[s] for s in x], COLOURS["oat"], f"OAT, checkpoint of epoch {epochs['oat']}")
+    _band(ax, x, [points[s] for s in x], COLOURS[OAT], f"OAT, checkpoint of epoch {epochs[OAT]}")
     if len(results["seeds"]) > 2:  # each seed's own curve: the band hides how each one changes
         for k, seed in enumerate(results["seeds"]):
-            ax.plot(x, [points[s][k] for s in x], color=COLOURS["oat"], linewidth=0.8, alpha=0.6, linestyle=":",
+            ax.plot(x, [points[s][k] for s in x], color=COLOURS[OAT], linewidth=0.8, alpha=0.6, linestyle=":",
                     label="OAT, single seeds" if k == 0 else None)
-    if results.get("ce"):
-        ce = np.array(results["ce"])
-        ax.axhline(ce.mean(), color=COLOURS["ce"], label=f"cross-entropy, checkpoint of epoch {epochs['ce']}")
+    if results.get(CE):
+        ce = np.array(results[CE])
+        ax.axhline(ce.mean(), color=COLOURS[CE], label=f"cross-entropy, checkpoint of epoch {epochs[CE]}")
         if len(ce) > 1:
-            ax.axhspan(ce.min(), ce.max(), color=COLOURS["ce"], alpha=0.15, linewidth=0)
+            ax.axhspan(ce.min(), ce.max(), color=COLOURS[CE], alpha=0.15, linewidth=0)
     trained = run.config["eval_batch_size"]
     if trained:
         ax.axvline(min(trained, total), color="0.4", linestyle="--", linewidth=1,
@@ -405,7 +406,7 @@ def anchor_prior_figure(run: Run) -> Figure:
     left.bar(classes, prior, color="0.85", label="training prior π")
     softmax = np.exp(prior) / np.exp(prior).sum()
     left.plot(classes, softmax, "k--", linewidth=1, label="softmax(π) (oat_prior's anchor)")
-    arm = "oat" if any(r["arm"] == "oat" for r in records) else records[-1]["arm"]
+    arm = OAT if any(r["arm"] == OAT for r in records) else records[-1]["arm"]
     own = sorted((r for r in records if r["arm"] == arm and r["seed"] == records[0]["seed"]), key=lambda r: r["epoch"])
     picks = {own[0]["epoch"]: own[0], own[len(own) // 2]["epoch"]: own[len(own) // 2], own[-1]["epoch"]: own[-1]}
     for shade, (epoch, record) in zip((0.3, 0.6, 1.0), picks.items()):

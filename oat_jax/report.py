@@ -2,13 +2,13 @@
 paper's layout, a Markdown table per paper table with the paper's figures beside ours.
 
 Runs of one cell (several workdirs, or several seeds in one) are pooled into one row when their configs
-match apart from the seeds and cosmetic fields (``workdir.identity``: an old ``method="both"`` and
-``arms="ce,oat"`` are one config), and never count a seed twice: ours is the mean ± standard deviation of
-the final test accuracy over the row's seeds. A run that fits no row of its cell gets a row of its own,
-noting how it differs. A run that is not the paper's protocol in full (a sample limit, stand-in data, fewer
-or unfinished epochs) is flagged in the notes column, so that it is not read as a result; an arm of another
-objective than cross-entropy and OAT is listed there too. A folder without a readable summary.json and
-config.json is skipped with a note. ``--figure`` draws the paired comparisons, seed by seed.
+match apart from the seeds and cosmetic fields (``workdir.identity``), and never count a seed twice: ours is
+the mean ± standard deviation of the final test accuracy over the row's seeds. A run that fits no row of its
+cell gets a row of its own, noting how it differs. A run that is not the paper's protocol in full (a sample
+limit, stand-in data, fewer or unfinished epochs) is flagged in the notes column, so that it is not read as a
+result; an arm of another objective than cross-entropy and OAT is listed there too. A folder without a
+readable summary.json and config.json is skipped with a note. ``--figure`` draws the paired comparisons, seed
+by seed.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from oat_jax import paired
 from oat_jax import workdir as workdir_lib
 from oat_jax.paired import paired_comparison
+from oat_jax.names import CE, DECODES, OAT, PRETRAIN
 from oat_jax.paper_figures import TABLE_ORDER
 from oat_jax.workdir import WorkdirError
 
@@ -56,7 +57,7 @@ def _run_notes(summary: dict, config: dict) -> list[str]:
     epochs, pretrain_epochs = _protocol(summary.get("paper"))
     if config["num_epochs"] < epochs:
         notes.append(f"{config['num_epochs']} of {epochs} epochs")
-    if config["pretrain_epochs"] < pretrain_epochs and config["arms"] != "ce":  # "ce" alone: nothing branches
+    if config["pretrain_epochs"] < pretrain_epochs and config["arms"] != CE:  # CE alone: nothing branches
         notes.append(f"{config['pretrain_epochs']} of {pretrain_epochs} pre-training epochs")
     for arm, result in summary.get("arms", {}).items():
         if result.get("diverged"):
@@ -73,7 +74,8 @@ def _run_notes(summary: dict, config: dict) -> list[str]:
 def _protocol(paper: dict | None) -> tuple[int, int]:
     """The paper's epochs and pre-training epochs for a cell: base_config()'s (Sec. 3.4), but a Table 3 cell
     ("5 pre-training epochs") varies the pre-training."""
-    defaults = workdir_lib.default_config()
+    from oat_jax.config_schema import base_config  # imports JAX: only when a run is reported
+    defaults = base_config()
     if paper and paper["table"] == "Table 3":
         return defaults["num_epochs"], int(paper["setting"].split()[0])
     return defaults["num_epochs"], defaults["pretrain_epochs"]
@@ -96,7 +98,7 @@ class Run:
     """One workdir: its summary and config, and each arm's final test accuracy per seed."""
     name: str
     summary: dict
-    config: dict  # complete (workdir.read_config): a field an older run predates had its default then
+    config: dict  # its config.json
     accuracies: dict[str, dict[str, float]]
     decodings: dict[str, dict[str, dict]]  # per arm, {seed: the final epoch's accuracy by decoding}, where logged
     selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: validation's epoch}
@@ -237,19 +239,16 @@ def format_markdown(cells: list[Cell], comparing: Comparing = Comparing()) -> st
                   "| setting | w/o OAT, paper | w/o OAT, ours | OAT, paper | OAT, ours | seeds | notes |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for cell in (c for c in cells if c.table == table):
-            paper_ce, paper_oat = ((f"{cell.paper['ce']:.3f}", f"{cell.paper['oat']:.3f}") if cell.paper
+            paper_ce, paper_oat = ((f"{cell.paper[CE]:.3f}", f"{cell.paper[OAT]:.3f}") if cell.paper
                                    else ("–", "–"))
-            ce, oat = (_ours(cell.accuracies.get(arm, {}), len(cell.seeds)) for arm in ("ce", "oat"))
+            ce, oat = (_ours(cell.accuracies.get(arm, {}), len(cell.seeds)) for arm in (CE, OAT))
             notes = [f"{arm}: {_ours(values, len(cell.seeds))}" for arm, values in cell.accuracies.items()
-                     if arm not in ("ce", "oat")]  # an arm of another objective: not in the paper's tables
+                     if arm not in (CE, OAT)]  # an arm of another objective: not in the paper's tables
             lines.append(f"| {cell.setting} | {paper_ce} | {ce} | {paper_oat} | {oat} | {len(cell.seeds)} | "
                          f"{'; '.join(notes + cell.notes)} |")
         lines += _comparisons([c for c in cells if c.table == table], comparing)
         lines += _decodings([c for c in cells if c.table == table])
     return "\n".join(lines) + "\n"
-
-
-_DECODINGS = ("batch", "single", "train_anchor", "uniform")
 
 
 def _decodings(cells: list[Cell]) -> list[str]:
@@ -260,13 +259,13 @@ def _decodings(cells: list[Cell]) -> list[str]:
         for arm, per_seed in cell.decodings.items():
             if not per_seed or set(per_seed) != set(cell.accuracies.get(arm, {})):
                 continue
-            values = [_ours({seed: d[name] for seed, d in per_seed.items()}) for name in _DECODINGS]
+            values = [_ours({seed: d[name] for seed, d in per_seed.items()}) for name in DECODES]
             rows.append(f"| {cell.setting} | {arm} | " + " | ".join(values) + " |")
     if not rows:
         return []
     return ["", "The final epoch decoded four ways: with the test batch's anchor, each sample's own, the epoch's "
                 "mean training anchor, and the uniform anchor (argmax):", "",
-            "| setting | arm | batch | single | train_anchor | uniform |", "| --- | --- | ---: | ---: | ---: | ---: |",
+            f"| setting | arm | {' | '.join(DECODES)} |", "| --- | --- |" + " ---: |" * len(DECODES),
             *rows]
 
 
@@ -279,8 +278,8 @@ def paired_results(cell: Cell) -> list[tuple[str, str, dict, list[float]]]:
     """A row's comparisons, each arm against cross-entropy and then OAT against each of its controls:
     (arm, reference, ``paired_comparison``, the per-seed differences) for the pairs that share seeds."""
     arms = cell.accuracies
-    pairs = ([(arm, "ce") for arm in arms if "ce" in arms and arm != "ce"]
-             + [("oat", control) for control in _CONTROLS if "oat" in arms and control in arms])
+    pairs = ([(arm, CE) for arm in arms if CE in arms and arm != CE]
+             + [(OAT, control) for control in _CONTROLS if OAT in arms and control in arms])
     results = []
     for arm, reference in pairs:
         ours, theirs = arms[arm], arms[reference]
@@ -324,7 +323,7 @@ def _comparisons(cells: list[Cell], comparing: Comparing = Comparing()) -> list[
             interval = ("–" if comparison["ci95"] is None else
                         f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
             p_value = "no spread" if comparison.get("no_spread") else _p(comparison["p_value"])
-            table, label = (against_ce, arm) if reference == "ce" else (against_controls, reference)
+            table, label = (against_ce, arm) if reference == CE else (against_controls, reference)
             table.append(f"| {cell.setting} | {label} | {comparison['mean_difference']:+.3f} | {interval} | "
                          f"{p_value} | {_p(judgement['holm_p'])} | {_p(judgement['equivalence_p'])} | "
                          f"{comparison['wins']} of {comparison['seeds']} | {judgement['verdict']} |")
@@ -411,7 +410,7 @@ def by_epoch_section(runs: list[Run], epochs: list[int]) -> str:
     by_arm: dict[str, dict[str, dict[int, float]]] = {}  # arm -> seed -> epoch -> accuracy
     for run in runs:
         for record in workdir_lib.read_records(os.path.join(run.path, workdir_lib.METRICS_FILE)):
-            arms = [record["arm"]] if record["arm"] != "pretrain" else ["ce"] if "ce" in run.accuracies else []
+            arms = [record["arm"]] if record["arm"] != PRETRAIN else [CE] if CE in run.accuracies else []
             for arm in arms:
                 if arm in run.accuracies and str(record["seed"]) in run.accuracies[arm]:
                     by_arm.setdefault(arm, {}).setdefault(str(record["seed"]), {})[record["epoch"]] = \

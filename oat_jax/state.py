@@ -59,7 +59,7 @@ def create_train_state(model, image_shape, config, seed: int, pretrained: str = 
     ``pretrained`` weights file, everything but the new head replaced by those weights."""
     seed_key = jax.random.key(seed)
     variables = dict(model.init(seed_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32)))
-    if config.get("init", "flax") == "torch":  # before the pretrained weights: the new head keeps it
+    if config.init == "torch":  # before the pretrained weights: the new head keeps it
         from oat_jax.models.torch_init import torch_default_init
         variables["params"] = torch_default_init(variables["params"], jax.random.fold_in(seed_key, 2))
     dropout_key = jax.random.fold_in(seed_key, 1)  # a stream of its own, apart from the initialisation

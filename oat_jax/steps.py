@@ -1,24 +1,56 @@
 """The jitted, pure steps: an SGD step of any objective (``oat_jax.objectives``), many steps fused into one
-compiled loop, and an evaluation step.
+compiled loop, and an evaluation step. ``Experiment.bind_steps`` binds them once per arm to what they close over
+(``StepSettings``), so that the loop calls them with states, metrics and a batch.
 
 The training loop runs a stack of independent replicas (seeds) side by side in one compiled program: the
 ``*_replicas`` functions map the single-replica step over a leading replica axis of the state and of the
 batch, so every replica keeps its own parameters, data order and anchors. Each training step also adds
 itself to the epoch's metrics (a small pytree, ``new_metrics``) on the device, so the host reads them once an
-epoch. ``train_step`` is the step for a single model, for use in one's own loop.
+epoch. A batch is (images (B, H, W, C) uint8, labels (B,), mask (B,) of real rows), with a leading axis K for
+the replicas. ``train_step`` is the step for a single model, for use in one's own loop.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from oat_jax import oat, objectives
+from oat_jax.names import BATCH, SINGLE, TRAIN_ANCHOR, UNIFORM
 from oat_jax.objectives import LossSettings
 
-_TRAIN_STATIC = ("objective", "settings")
+
+@struct.dataclass
+class StepSettings:
+    """What a step closes over besides the states and the batch: the normalisation's per-channel mean and std
+    and the steps of an epoch whose anchor is kept (arguments of the compiled program: as constants XLA would
+    fold them into its arithmetic, and the results would change in their last bits), the objective and its
+    loss settings (static: each its own program). Without an objective, the steps evaluate with the config's
+    anchor variant."""
+    mean: Any
+    std: Any
+    sample_at: Any = None  # ``sampled_steps``
+    objective: str | None = struct.field(pytree_node=False, default=None)
+    loss: LossSettings = struct.field(pytree_node=False, default=LossSettings())
+
+    @property
+    def variant(self) -> str:
+        return objectives.anchor_variant(self.objective, self.loss.variant)
+
+
+@struct.dataclass
+class OnDevice:
+    """The training set on every device, from which a fused epoch gathers its batches of ``batch_size``; with
+    ``batch_sharding`` (``sharding.batch_sharding``) each device gathers and trains on its slice of each."""
+    images: Any
+    labels: Any
+    num_real: int  # the training set's size, past which an order is padding (an argument, as in StepSettings)
+    batch_size: int = struct.field(pytree_node=False)
+    batch_sharding: Any = struct.field(pytree_node=False, default=None)
 
 
 def _over_replicas(fn):
@@ -51,45 +83,43 @@ def normalise(images, mean, std):
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def _forward_train(state, params, images, mean, std):
+def _forward_train(state, params, images, settings: StepSettings):
     """Outputs in training mode, and the BatchNorm statistics this batch updates (unchanged without BN).
     Each step draws its dropout key from the replica's key and the step number, so a resumed run draws
     the same keys as an uninterrupted one. The padded rows of a last, partial batch repeat a real sample;
     they enter that one batch's BatchNorm statistics (the loss and the anchor mask them out)."""
     dropout = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
-    outputs, updates = state.apply_fn(state.variables(params), normalise(images, mean, std), train=True,
-                                      rngs={"dropout": dropout}, mutable=["batch_stats"])
+    outputs, updates = state.apply_fn(state.variables(params), normalise(images, settings.mean, settings.std),
+                                      train=True, rngs={"dropout": dropout}, mutable=["batch_stats"])
     return outputs, updates.get("batch_stats", state.batch_stats)
 
 
-def _sgd_step(state, images, labels, mask, mean, std, objective: str, settings: LossSettings):
-    """One SGD step of ``objective``: the new state, the batch's mean loss over its real rows and the batch
+def _sgd_step(state, batch, settings: StepSettings):
+    """One SGD step of the objective: the new state, the batch's mean loss over its real rows and the batch
     anchor of its outputs (for every objective: telemetry, compared across arms)."""
+    images, labels, mask = batch
+
     def loss_fn(params):
-        outputs, batch_stats = _forward_train(state, params, images, mean, std)
-        losses = objectives.get(objective).loss(outputs, labels, mask, settings)
+        outputs, batch_stats = _forward_train(state, params, images, settings)
+        losses = objectives.get(settings.objective).loss(outputs, labels, mask, settings.loss)
         # Divided before summed: large OAT targets cannot overflow the sum.
         loss = jnp.sum(jnp.where(mask, losses / jnp.maximum(jnp.sum(mask), 1), 0.0))
-        variant = objectives.get(objective).variant or settings.variant
-        anchor = oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=variant, where=mask)
+        anchor = oat.batch_anchor(jax.lax.stop_gradient(outputs), variant=settings.variant, where=mask)
         return loss, (anchor, batch_stats)
 
     (loss, (anchor, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, anchor
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "variant", "anchor_gradient", "anchor_groups"),
-                   donate_argnums=0)
-def train_step(state, images, labels, mask, mean, std, *, objective: str, variant: str = "released",
-               anchor_gradient: bool | None = None, anchor_groups: int = 1):
-    """One SGD step of a single model, for use in one's own loop, on a batch (B, H, W, C) uint8 with labels
-    (B,) and a mask (B,) of real rows; ``objective`` names an entry of ``oat_jax.objectives`` ("ce", "oat").
+@functools.partial(jax.jit, static_argnames=("objective", "loss"), donate_argnums=0)
+def train_step(state, batch, mean, std, *, objective: str, loss: LossSettings = LossSettings()):
+    """One SGD step of a single model, for use in one's own loop, on a batch (images (B, H, W, C) uint8,
+    labels (B,), mask (B,) of real rows); ``objective`` names an entry of ``oat_jax.objectives`` ("ce", "oat").
 
     Returns the new state, the batch loss, and the batch's anchor (C,), computed inside the step from the
     batch's own outputs (for "ce" only as telemetry).
     """
-    return _sgd_step(state, images, labels, mask, mean, std, objective,
-                     LossSettings(variant, anchor_gradient, anchor_groups))
+    return _sgd_step(state, batch, StepSettings(mean, std, None, objective, loss))
 
 
 # An epoch's running metrics, per replica: accumulated inside the steps, read once the epoch is over.
@@ -114,7 +144,8 @@ def sampled_steps(count: int) -> np.ndarray:
     return np.linspace(0, count - 1, SAMPLED_STEPS).round().astype(np.int32)
 
 
-def _accumulate(metrics, loss, anchor, labels, mask, sample_at, uses_anchor: bool):
+def _accumulate(metrics, loss, anchor, batch, sample_at, uses_anchor: bool):
+    _, labels, mask = batch
     rows = jnp.sum(mask).astype(jnp.int32)
     step = metrics["steps"]
     finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(anchor))
@@ -134,60 +165,51 @@ def _accumulate(metrics, loss, anchor, labels, mask, sample_at, uses_anchor: boo
     return updated
 
 
-def _step_with_metrics(state, metrics, images, labels, mask, sample_at, mean, std, objective, settings):
-    state, loss, anchor = _sgd_step(state, images, labels, mask, mean, std, objective, settings)
-    uses_anchor = objectives.get(objective).uses_anchor
-    return state, _accumulate(metrics, loss, anchor, labels, mask, sample_at, uses_anchor)
+def _step_with_metrics(state, metrics, batch, settings: StepSettings):
+    state, loss, anchor = _sgd_step(state, batch, settings)
+    uses_anchor = objectives.get(settings.objective).uses_anchor
+    return state, _accumulate(metrics, loss, anchor, batch, settings.sample_at, uses_anchor)
 
 
-@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC, donate_argnums=0)
-def train_step_replicas(states, metrics, images, labels, masks, sample_at, mean, std, *, objective: str,
-                        settings: LossSettings = LossSettings()):
-    """One step of K replicas at once: states, metrics and batches carry a leading axis K (images
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step_replicas(states, metrics, batch, settings: StepSettings):
+    """One step of K replicas at once: states, metrics and the batch carry a leading axis K (images
     (K, B, H, W, C), labels and masks (K, B)). Returns the states and the metrics with this step added."""
-    step = functools.partial(_step_with_metrics, sample_at=sample_at, mean=mean, std=std, objective=objective,
-                             settings=settings)
-    return _over_replicas(step)(states, metrics, images, labels, masks)
+    return _over_replicas(functools.partial(_step_with_metrics, settings=settings))(states, metrics, batch)
 
 
-@functools.partial(jax.jit, static_argnames=_TRAIN_STATIC + ("batch_size", "num_steps", "batch_sharding"),
-                   donate_argnums=0)
-def train_steps_on_device(states, metrics, images, labels, orders, first_step, num_real, sample_at, mean, std, *,
-                          objective: str, batch_size: int, num_steps: int, settings: LossSettings = LossSettings(),
-                          batch_sharding=None):
-    """``num_steps`` steps of K replicas from ``first_step`` on, as one compiled loop over device-resident
-    data (N, H, W, C) / (N,): the same step as ``train_step_replicas``, its batches gathered on the device.
-
-    ``orders`` (K, S·B) holds each replica's sample order padded to S whole batches; positions >= num_real
-    are masked. With the data replicated on several devices, ``batch_sharding`` (``sharding.batch_sharding``)
-    makes each device gather and train on its own slice of every batch.
-    """
-    step = functools.partial(_step_with_metrics, sample_at=sample_at, mean=mean, std=std, objective=objective,
-                             settings=settings)
+@functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnums=0)
+def train_steps_on_device(states, metrics, epoch, settings: StepSettings, data: OnDevice, *, num_steps: int):
+    """``num_steps`` steps of an epoch as one compiled loop over the training set on the devices (``data``):
+    the same step as ``train_step_replicas``, its batches gathered on the device. ``epoch`` is (the replicas'
+    sample orders (K, S·B), padded to S whole batches; the first step to take)."""
+    step = functools.partial(_step_with_metrics, settings=settings)
+    (orders, first_step), size = epoch, data.batch_size
 
     def split(batch):  # without it XLA would run the whole batch on every device
-        return batch if batch_sharding is None else jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return batch if data.batch_sharding is None else jax.lax.with_sharding_constraint(batch, data.batch_sharding)
 
     def body(carry, batch):
-        index = jax.lax.dynamic_slice_in_dim(orders, batch * batch_size, batch_size, axis=1)  # (K, B)
-        masks = split(jnp.broadcast_to(batch * batch_size + jnp.arange(batch_size) < num_real, index.shape))
-        return _over_replicas(step)(*carry, split(images[index]), split(labels[index]), masks), None
+        index = jax.lax.dynamic_slice_in_dim(orders, batch * size, size, axis=1)  # (K, B)
+        masks = split(jnp.broadcast_to(batch * size + jnp.arange(size) < data.num_real, index.shape))
+        return _over_replicas(step)(*carry, (split(data.images[index]), split(data.labels[index]), masks)), None
 
     return jax.lax.scan(body, (states, metrics), first_step + jnp.arange(num_steps))[0]
 
 
-def _correct(state, images, labels, mask, train_anchor, mean, std, variant, decodes, objective=None,
-             settings=LossSettings()):
-    outputs = state.apply_fn(state.variables(), normalise(images, mean, std), train=False)
+def _correct(state, batch, train_anchor, settings: StepSettings, decodes, with_loss):
+    images, labels, mask = batch
+    outputs = state.apply_fn(state.variables(), normalise(images, settings.mean, settings.std), train=False)
+    variant = settings.variant
 
     def with_anchor(anchor):  # eq. 4; anchor (C,) or one per row (B, C)
         return jnp.argmax(oat.decode(outputs, anchor), axis=-1)
 
     predictions = {
-        "argmax": lambda: jnp.argmax(outputs, axis=-1),  # = the uniform anchor's decoding
-        "anchor": lambda: oat.predict(outputs, variant=variant, where=mask),
-        "single": lambda: with_anchor(jax.vmap(lambda row: oat.batch_anchor(row[None], variant=variant))(outputs)),
-        "train_anchor": lambda: with_anchor(train_anchor)}
+        UNIFORM: lambda: jnp.argmax(outputs, axis=-1),  # = the uniform anchor's decoding
+        BATCH: lambda: oat.predict(outputs, variant=variant, where=mask),
+        SINGLE: lambda: with_anchor(jax.vmap(lambda row: oat.batch_anchor(row[None], variant=variant))(outputs)),
+        TRAIN_ANCHOR: lambda: with_anchor(train_anchor)}
     counts = {}
     for name in decodes:
         predicted = predictions[name]()
@@ -195,28 +217,20 @@ def _correct(state, images, labels, mask, train_anchor, mean, std, variant, deco
         counts[f"{name}_per_class"] = jnp.sum(jax.nn.one_hot(predicted, outputs.shape[-1]) * mask[:, None], axis=0)
         counts[f"{name}_correct_per_class"] = jnp.sum(  # by true class: each class's recall
             jax.nn.one_hot(labels, outputs.shape[-1]) * (mask & (predicted == labels))[:, None], axis=0)
-    if objective is not None:  # the objective's loss summed over the real rows (OAT's with this batch's anchor)
-        losses = objectives.get(objective).loss(outputs, labels, mask, settings)
+    if with_loss:  # the objective's loss summed over the real rows (OAT's with this batch's anchor)
+        losses = objectives.get(settings.objective).loss(outputs, labels, mask, settings.loss)
         counts["loss_sum"] = jnp.sum(jnp.where(mask, losses, 0.0))
     return counts
 
 
-# The decodings of a test batch's outputs ``eval_step_replicas`` counts.
-DECODES = ("argmax", "anchor", "single", "train_anchor")
-
-
-@functools.partial(jax.jit, static_argnames=("variant", "decodes", "objective", "settings"))
-def eval_step_replicas(states, images, labels, masks, train_anchors, mean, std, *, variant: str = "released",
-                       decodes: tuple[str, ...] = ("argmax", "anchor"), objective: str | None = None,
-                       settings: LossSettings = LossSettings()):
+@functools.partial(jax.jit, static_argnames=("decodes", "with_loss"))
+def eval_step_replicas(states, batch, train_anchors, settings: StepSettings, *,
+                       decodes: tuple[str, ...] = (UNIFORM, BATCH), with_loss: bool = False):
     """Correct predictions among the real rows of each replica's test batch (K replicas, leading axis K),
-    for each decoding in ``decodes`` (of ``DECODES``): "argmax" of the outputs (the uniform anchor's
-    decoding); "anchor" = argmax of a * (z + 1) with the test batch's own anchor a (OAT's, eq. 4); "single"
-    with each sample's own anchor, as in a batch of one; "train_anchor" with ``train_anchors`` (K, C), the
-    replica's mean training anchor. The anchors are of ``variant``. Counts of shape (K,), under
+    for each decoding in ``decodes`` (of ``names.DECODES``; TRAIN_ANCHOR with ``train_anchors`` (K, C), the
+    replica's mean training anchor), the anchors of ``settings.variant``. Counts of shape (K,), under
     "<decode>_per_class" the number of predictions of each class (K, C), and under "<decode>_correct_per_class"
-    the correct ones by true class (K, C). With ``objective``, also its loss
-    summed over the real rows, "loss_sum" (K,)."""
-    correct = functools.partial(_correct, mean=mean, std=std, variant=variant, decodes=decodes,
-                                objective=objective, settings=settings)
-    return _over_replicas(correct)(states, images, labels, masks, train_anchors)
+    the correct ones by true class (K, C). ``with_loss``: also the objective's loss summed over the real rows,
+    "loss_sum" (K,)."""
+    correct = functools.partial(_correct, settings=settings, decodes=decodes, with_loss=with_loss)
+    return _over_replicas(correct)(states, batch, train_anchors)

@@ -25,7 +25,7 @@ import sys
 import time
 
 from oat_jax import workdir as workdir_lib
-from oat_jax.config_schema import arms_of
+from oat_jax.objectives import parse_arms
 
 SWEEP_FILE, SELECTION_FILE = "sweep.json", "selection.json"
 CONFIRM_DIR, LOGS_DIR = "confirm", "logs"
@@ -172,8 +172,8 @@ def _exit_status(path: str) -> int | None:
 
 def _epochs_of(config) -> int:
     """Epochs a run of ``config`` trains, all arms and seeds together."""
-    return config.num_seeds * (config.pretrain_epochs + len(arms_of(config)) * (config.num_epochs
-                                                                               - config.pretrain_epochs))
+    return config.num_seeds * (config.pretrain_epochs
+                               + len(parse_arms(config.arms)) * (config.num_epochs - config.pretrain_epochs))
 
 
 _STOPPING = []
@@ -344,7 +344,7 @@ def _sweep_jobs(folder: str, config_file: str, grid: dict, seeds: list[int], ove
                                  "--config.validation_size (e.g. 0.1)")
             jobs.append(Job(folder, os.path.join(folder, setting_name(setting), f"seed_{seed}"),
                             [*arguments, f"--config.seed={seed}"], _epochs_of(config), setting, seed,
-                            arms_of(config)))
+                            parse_arms(config.arms)))
     return jobs
 
 

@@ -2,9 +2,9 @@
 
 The files: ``config.json`` (the run's configuration without its cosmetic fields), ``metrics.jsonl`` (one JSON
 line per arm, epoch and seed), ``summary.json`` (each arm's final and best test accuracy), ``checkpoints/``.
-Every JSON file is written atomically; ``read_config`` is the one reader of config.json, completing a file
-written by an older version with the defaults of the fields it predates. Nothing here imports JAX at import
-time (the report and the plots stay light): the defaults are read from ``config_schema`` when needed.
+Every JSON file is written atomically; ``read_config`` is the one reader of config.json. Nothing here imports
+JAX (the report and the plots stay light). A run stopped before its first epoch puts the workdir back as it
+found it (``as_found``, ``put_back``).
 
 ``hold_lock`` takes an OS advisory lock (``flock``) on ``<workdir>/.lock`` and writes the holder (process id,
 host, start time) into it. The kernel drops the lock when its holder ends, however it ends (``kill -9``
@@ -18,12 +18,14 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import statistics
 import time
 import warnings
 
 from oat_jax.disk_full import writing
+from oat_jax.names import CE, PRETRAIN
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -93,10 +95,6 @@ def _try_lock(fd: int, path: str) -> bool | None:
 # fused_epoch: the same steps on the same batches either way, as on another number of devices.
 COSMETIC_FIELDS = ("progress", "distributed", "steps_in_flight", "stall_timeout_seconds", "fused_epoch",
                    "compilation_cache")
-# Fields whose default changed: a config.json written before them had these values (read_config).
-PREDATED_VALUES = {"init": "flax"}
-# The old shorthand ``method`` as the objectives (``arms``) it trains; a non-empty method overrides arms.
-METHOD_ARMS = {"both": "ce,oat", "ce": "ce", "oat": "oat"}
 
 
 class WorkdirError(ValueError):
@@ -139,40 +137,23 @@ def read_json(workdir: str, name: str, missing: str) -> dict:
     return value
 
 
-def default_config() -> dict:
-    """``base_config()`` as a dict (imports JAX, through the config schema's checks)."""
-    from oat_jax.config_schema import base_config
-    return base_config().to_dict()
-
-
 def identity(config: dict) -> dict:
     """The fields that decide a run's results (of a config's ``to_dict()`` or a saved config.json): all but
-    the cosmetic ones, the shorthand ``method`` folded into ``arms`` (method "both" = arms "ce,oat", the
-    default), the arms without spaces."""
+    the cosmetic ones, the arms without spaces ("ce, oat" = "ce,oat")."""
     fields = {k: v for k, v in config.items() if k not in COSMETIC_FIELDS}
-    method = fields.pop("method", "")
-    arms = METHOD_ARMS.get(method, method) if method else fields.get("arms", METHOD_ARMS["both"])
-    fields["arms"] = ",".join(name.strip() for name in arms.split(",") if name.strip())  # "ce, oat" = "ce,oat"
+    if "arms" in fields:
+        fields["arms"] = ",".join(name.strip() for name in fields["arms"].split(",") if name.strip())
     return fields
 
 
 def read_config(workdir: str) -> dict:
-    """The run's config.json, completed with the defaults of the fields it predates (``PREDATED_VALUES`` where
-    the default has changed since; nested groups such as ``paper`` field by field), and ``arms`` as its
-    ``method`` says when it has one (kept too, for older readers). WorkdirError when there is no readable
-    config.json."""
-    saved = read_json(workdir, CONFIG_FILE, f"{CONFIG_FILE} is missing: is this an oat_jax workdir?")
-    defaults = {**default_config(), **PREDATED_VALUES}
-    config = {**defaults, **saved}
-    config.update({k: {**v, **saved[k]} for k, v in defaults.items() if isinstance(v, dict)
-                   and isinstance(saved.get(k), dict)})
-    config["arms"] = identity(config)["arms"]
-    return config
+    """The run's config.json; WorkdirError when there is no readable one."""
+    return read_json(workdir, CONFIG_FILE, f"{CONFIG_FILE} is missing: is this an oat_jax workdir?")
 
 
 def check_config(workdir: str, config: dict) -> None:
     """Refuses (WorkdirMismatch) a workdir holding a run (checkpoints or metrics) made with another config
-    than ``config`` (a ``to_dict()``); a field the run predates had its default then. Reads only."""
+    than ``config`` (a ``to_dict()``). Reads only."""
     trained = any(os.path.exists(os.path.join(workdir, name)) for name in (CHECKPOINTS_DIR, METRICS_FILE))
     if not (trained and os.path.exists(os.path.join(workdir, CONFIG_FILE))):
         return  # nothing trained here yet: the new config takes the folder
@@ -195,7 +176,7 @@ def _short(value) -> str:
 
 def record_config(workdir: str, config: dict) -> None:
     """Writes ``config`` (a ``to_dict()``) without its cosmetic fields to config.json; the record of the same
-    run (a resumed one's, perhaps in an older version's words) is left as it was."""
+    run (a resumed one's) is left as it was."""
     record = {k: v for k, v in config.items() if k not in COSMETIC_FIELDS}
     with contextlib.suppress(WorkdirError):
         if identity(read_json(workdir, CONFIG_FILE, "")) == identity(record):
@@ -207,6 +188,52 @@ def record_config(workdir: str, config: dict) -> None:
 def read_summary(workdir: str) -> dict:
     """The run's summary.json; WorkdirError when it has none (unfinished or refused) or it is unreadable."""
     return read_json(workdir, SUMMARY_FILE, f"no {SUMMARY_FILE} (an unfinished or refused run)")
+
+
+def as_found(workdir: str):
+    """What ``put_back`` needs to restore ``workdir`` as found now: None when it holds a run (checkpoints or
+    metrics, which a stop leaves to resume), else (the nearest folder of its path that exists, the names in it
+    when that is the workdir, the bytes of a config.json there)."""
+    path = os.path.abspath(workdir)
+    if any(os.path.lexists(os.path.join(path, name)) for name in (CHECKPOINTS_DIR, METRICS_FILE)):
+        return None
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if existing != path:
+        return existing, set(), None
+    if not os.path.isdir(path):
+        return None  # not a folder: the run is refused before it writes
+    config, saved = os.path.join(path, CONFIG_FILE), None
+    if os.path.isfile(config):
+        with open(config, "rb") as f:
+            saved = f.read()
+    return existing, set(os.listdir(path)), saved
+
+
+def put_back(workdir: str, found) -> None:
+    """Removes what a run wrote in ``workdir`` since ``as_found`` saw it: the folders it made (up to the
+    nearest that existed), or in a folder that was there, the entries it added and config.json as it was."""
+    path = os.path.abspath(workdir)
+    existing, names, config = found
+    if existing != path:
+        shutil.rmtree(path, ignore_errors=True)
+        folder = os.path.dirname(path)
+        with contextlib.suppress(OSError):  # the folders above it that the run made, while empty
+            while folder != existing:
+                os.rmdir(folder)
+                folder = os.path.dirname(folder)
+        return
+    for name in set(os.listdir(path)) - names:
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(entry)
+    if config is not None:
+        with replacing(os.path.join(path, CONFIG_FILE)) as tmp, open(tmp, "wb") as f:
+            f.write(config)
 
 
 class MetricsLog:
@@ -324,7 +351,7 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
     """Each arm's final and best test accuracy (%), per seed and as mean and standard deviation over seeds;
     and each arm against cross-entropy, paired by seed (``vs_ce``, ``oat_jax.paired``).
 
-    The arm named "ce" continues the shared pre-training, so its history is the pre-training epochs followed
+    The arm CE continues the shared pre-training, so its history is the pre-training epochs followed
     by its own; every other arm's (OAT's, say) is its own epochs only. An arm that diverged (``divergences``,
     metrics.jsonl's DIVERGED lines) says where under ``diverged`` ({seed: {"epoch", "step", and
     "last_good_epoch" where it had one}}); a seed cut short is left out of ``seeds``, so it is never shown as
@@ -333,7 +360,7 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
     from oat_jax.paired import paired_comparison
     summary = {"arms": {}, "paper": paper if paper.get("table") else None}
     for arm in arms:
-        phases = (arm, "pretrain") if arm == "ce" else (arm,)
+        phases = (arm, PRETRAIN) if arm == CE else (arm,)
         per_seed = {}
         for seed in sorted({r["seed"] for r in records}):
             history = sorted((r for r in records if r["seed"] == seed and r["arm"] in phases), key=lambda r: r["epoch"])
@@ -370,9 +397,9 @@ def summarise(records: list[dict], arms: list[str], paper: dict, divergences: li
             only = next(iter(per_seed.values()))
             result.update({key: only[key] for key in ("oracle_best_epoch", "selected_epoch") if key in only})
         summary["arms"][arm] = result
-    reference = summary["arms"].get("ce", {}).get("seeds", {})
+    reference = summary["arms"].get(CE, {}).get("seeds", {})
     for arm, result in summary["arms"].items():
-        if arm != "ce" and reference:
+        if arm != CE and reference:
             rule = selection_rule(result["seeds"], reference)
             comparison = paired_comparison(scores(result["seeds"], rule), scores(reference, rule))
             if comparison:

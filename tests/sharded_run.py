@@ -8,7 +8,7 @@ import sys
 import jax
 
 import conftest  # registers the synthetic dataset and the stand-in model
-from oat_jax import steps, train
+from oat_jax import evaluation, steps, train
 from oat_jax.config_schema import base_config
 from oat_jax.experiment import Experiment
 
@@ -35,7 +35,7 @@ def run(workdir: str, overrides: dict) -> dict:
     exp = Experiment.build(config)
     evaluations = {}
     for size in EVAL_BATCH_SIZES:
-        accuracies, shares, _ = train.evaluate_in_detail(exp, exp.template, batch_size=size)
+        accuracies, shares, _ = evaluation.evaluate_in_detail(exp, exp.template, batch_size=size)
         evaluations[str(size)] = {"accuracy": accuracies, "share": {k: v.tolist() for k, v in shares.items()}}
     return {"devices": jax.device_count(), "processes": jax.process_count(), "summary": summary,
             "evaluations": evaluations}

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -18,11 +17,10 @@ import pytest
 from oat_jax import state as state_lib
 from oat_jax import steps, train
 from oat_jax import workdir as workdir_lib
-from oat_jax.checkpoints import ArmCheckpoints, CheckpointMismatch, ResumePoint
+from oat_jax.checkpoints import ArmCheckpoints, CheckpointMismatch, quiet_checkpoint_noise
 from oat_jax.config_schema import base_config
 from oat_jax.data import fashion_mnist
 from oat_jax.disk_full import WorkdirFull, is_disk_full
-from oat_jax.experiment import Experiment
 from conftest import STANDIN_MODEL
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -45,12 +43,6 @@ def _at_step(states, step):
     return states.replace(step=jnp.full_like(states.step, step))
 
 
-def _assert_same_arrays(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _run(config, workdir):
     return train.train_and_evaluate(config, str(workdir), report=lambda record: None)
 
@@ -70,8 +62,9 @@ def test_damaged_array_data_is_set_aside_and_the_previous_checkpoint_used(synthe
     for path in (tmp_path / "checkpoints" / "pretrain" / "26" / "state" / "d").iterdir():
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     warnings = []
-    point = checkpoints.restore_latest(template, warnings.append)
-    checkpoints.close()
+    with quiet_checkpoint_noise():  # as in a run: the damaged read's late callbacks find Orbax's loop closed
+        point = checkpoints.restore_latest(template, warnings.append)
+        checkpoints.close()
     assert (point.epoch, point.steps_done, point.metrics) == (1, 0, None)
     assert np.asarray(point.states.step).tolist() == [13]
     assert len(warnings) == 1 and "checkpoints/pretrain/26 cannot be restored" in warnings[0]
@@ -112,40 +105,6 @@ def test_a_part_way_checkpoint_that_does_not_fit_stays(synthetic_config, tmp_pat
     checkpoints.close()
     assert (tmp_path / "checkpoints" / "ce" / "31" / "progress").is_dir()
     assert not (tmp_path / "checkpoints" / "corrupt").exists()
-
-
-def test_checkpoints_of_earlier_versions_resume(synthetic_config, tmp_path):
-    """A checkpoint as earlier versions saved it (one manager per arm, step = epoch, a single unnamed item)
-    reads as that finished epoch, whatever its optimiser step; their folder of part-way epochs is removed
-    (its epoch starts over)."""
-    template = Experiment.build(synthetic_config).template
-    saved = _at_step(template.replace(params=jax.tree.map(lambda leaf: leaf + 1, template.params)), 26)
-    old = ocp.CheckpointManager(str(tmp_path / "checkpoints" / "ce"), item_handlers=ocp.StandardCheckpointHandler(),
-                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                                                     enable_async_checkpointing=False))
-    old.save(2, args=ocp.args.StandardSave(saved))
-    old.wait_until_finished()
-    old.close()
-    assert (tmp_path / "checkpoints" / "ce" / "2" / "default").is_dir()
-    partial = ocp.CheckpointManager(  # 5 steps into epoch 3, as earlier versions numbered a stop
-        str(tmp_path / "checkpoints" / "ce-partial"),
-        item_handlers={"states": ocp.StandardCheckpointHandler(), "records": ocp.StandardCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False))
-    partial.save(3_000_005, args=ocp.args.Composite(states=ocp.args.StandardSave(saved),
-                                                    records=ocp.args.StandardSave({"losses": np.zeros((5, 1))})))
-    partial.wait_until_finished()
-    partial.close()
-
-    checkpoints = ArmCheckpoints(str(tmp_path), "ce")
-    assert not (tmp_path / "checkpoints" / "ce-partial").exists()
-    assert checkpoints.latest_epoch() == 2
-    assert checkpoints._point(2) == (2, None)
-    _assert_same_arrays(checkpoints.restore(2, template), saved)
-    point = checkpoints.restore_latest(template, warn=pytest.fail)
-    checkpoints.close()
-    assert isinstance(point, ResumePoint) and (point.epoch, point.steps_done, point.metrics) == (2, 0, None)
-    _assert_same_arrays(point.states, saved)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ce"]
 
 
 def test_disk_full_errors_are_recognised():

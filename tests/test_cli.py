@@ -78,7 +78,7 @@ def test_checkpoints_exist_and_restore(finished_run):
     # Restore the OAT arm's final state in a fresh process and evaluate it: the summary's figure comes back.
     code = """
 import json, sys
-from oat_jax import train
+from oat_jax import evaluation
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.config_schema import base_config
 from oat_jax.experiment import Experiment
@@ -90,7 +90,7 @@ manager = ArmCheckpoints(sys.argv[1], 'oat')
 epoch = manager.latest_epoch()
 state = manager.restore(epoch, exp.template)
 manager.close()
-print(json.dumps({"epoch": epoch, "accuracy": train.evaluate(exp, state)}))
+print(json.dumps({"epoch": epoch, "accuracy": evaluation.evaluate(exp, state)}))
 """
     out = subprocess.run([sys.executable, "-c", code, str(workdir)], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
@@ -98,7 +98,7 @@ print(json.dumps({"epoch": epoch, "accuracy": train.evaluate(exp, state)}))
     restored = json.loads(out.stdout.strip().splitlines()[-1])
     summary = json.loads((workdir / "summary.json").read_text())
     assert restored["epoch"] == 3
-    assert restored["accuracy"]["anchor"] == [summary["arms"]["oat"]["final_test_accuracy"]]  # OAT's decoding
+    assert restored["accuracy"]["batch"] == [summary["arms"]["oat"]["final_test_accuracy"]]  # OAT's decoding
 
 
 @FINISHED_RUN_GROUP

@@ -3,7 +3,7 @@ import pathlib
 
 import pytest
 
-from oat_jax import config_schema
+from oat_jax import config_schema, objectives
 from oat_jax.config_schema import ConfigError, base_config, validate_config
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
@@ -41,10 +41,9 @@ def _with(**changes):
     ({"arms": "ce,oat,softmax_typo"}, "unknown objective 'softmax_typo' in arms; known objectives: ce, oat"),
     ({"arms": "oat,oat"}, "arms names an objective twice"),
     ({"arms": " , "}, "arms names no objective"),
-    ({"method": "oat", "arms": "ce"}, "method 'oat' and arms 'ce' disagree; set only arms"),
+    ({"method": "both"}, "unknown config field 'method'"),  # the older shorthand for arms is gone
     ({"dataset": "mnist_typo"}, "unknown dataset 'mnist_typo'"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
-    ({"method": "all"}, "method"),
     ({"variant": "eq1"}, "variant"),
     ({"batch_size": 0}, "batch_size"),
     ({"learning_rate": -0.1}, "learning_rate"),
@@ -58,18 +57,14 @@ def test_impossible_values_are_named(changes, message):
 
 
 def test_ce_alone_may_spend_every_epoch_pretraining():
-    validate_config(_with(method="ce", pretrain_epochs=10, num_epochs=10))
     validate_config(_with(arms="ce", pretrain_epochs=10, num_epochs=10))
 
 
-@pytest.mark.parametrize("changes, arms", [
-    ({}, ["ce", "oat"]), ({"arms": "oat, ce"}, ["oat", "ce"]), ({"method": "both"}, ["ce", "oat"]),
-    ({"method": "oat"}, ["oat"]), ({"method": "ce", "arms": "ce"}, ["ce"]),
-])
-def test_arms_are_named_by_arms_or_by_the_older_method(changes, arms):
+@pytest.mark.parametrize("changes, arms", [({}, ["ce", "oat"]), ({"arms": "oat, ce"}, ["oat", "ce"])])
+def test_arms_name_the_objectives_in_order(changes, arms):
     config = _with(**changes)
     validate_config(config)
-    assert config_schema.arms_of(config) == arms
+    assert objectives.parse_arms(config.arms) == arms
 
 
 def test_unknown_field_is_refused():

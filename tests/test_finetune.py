@@ -40,7 +40,7 @@ def test_resnet18_state_starts_from_the_weights_file_and_trains_its_batchnorm(tm
     mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
     loaded_var = np.asarray(state.batch_stats["bn1"]["var"])
     before = np.asarray(state.apply_fn(state.variables(), steps.normalise(images, mean, std), train=False))
-    trained, loss, _ = steps.train_step(state, images, labels, np.ones(4, bool), mean, std, objective="oat")
+    trained, loss, _ = steps.train_step(state, (images, labels, np.ones(4, bool)), mean, std, objective="oat")
     assert np.isfinite(loss)
     assert not np.allclose(trained.batch_stats["bn1"]["var"], loaded_var)  # running statistics moved
     assert not np.allclose(trained.params["conv1"]["kernel"], source_variables["params"]["conv1"]["kernel"])

@@ -102,7 +102,7 @@ def test_dry_run_epoch_part_measures_every_decoding(dry_run):
     arms, ratios, evals = figures["arms"], figures["ratios"], figures["evaluation"]
     assert set(arms) == {"ce", "oat", "ce_fused", "oat_fused", "torch_ce", "torch_oat"} and setup["torch"]
     for name, arm in arms.items():
-        assert arm["decode"] == ("argmax" if arm["objective"] == "ce" else "anchor")
+        assert arm["decode"] == ("uniform" if arm["objective"] == "ce" else "batch")
         assert len(arm["epoch_s"]) == len(arm["train_s"]) == len(arm["eval_s"]) == 2
         assert arm["epoch_s"] == pytest.approx([t + e for t, e in zip(arm["train_s"], arm["eval_s"])], abs=1e-3)
         assert arm["first_epoch_s"] == arm["epoch_s"][0]

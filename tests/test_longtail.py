@@ -66,7 +66,7 @@ def test_logit_adjusted_cross_entropy_by_hand():
     expected = -(a - math.log(math.exp(a) + math.exp(b)))
     assert float(_loss("ce_logit_adjusted", [[1.0, 0.0]], [0], [0.8, 0.2], tau=2.0)[0]) == pytest.approx(expected,
                                                                                                        rel=1e-6)
-    assert objectives.get("ce_logit_adjusted").decode == "argmax"
+    assert objectives.get("ce_logit_adjusted").decode == "uniform"
 
 
 def test_oat_with_the_prior_anchor_by_hand():
@@ -75,7 +75,7 @@ def test_oat_with_the_prior_anchor_by_hand():
     # π = (1, 0): the anchor softmax(π) = (e, 1) / (e + 1); label 1's target is (e + 1) - 1 = e, the other -1.
     assert float(_loss("oat_prior", [[0.0, 0.0]], [1], [1.0, 0.0])[0]) == pytest.approx((1 + math.e ** 2) / 2,
                                                                                       rel=1e-6)
-    assert objectives.get("oat_prior").decode == "argmax" and not objectives.get("oat_prior").uses_anchor
+    assert objectives.get("oat_prior").decode == "uniform" and not objectives.get("oat_prior").uses_anchor
 
 
 def test_an_imbalanced_run_logs_class_metrics_and_selects_on_balanced_validation(synthetic_config, tmp_path, capsys):

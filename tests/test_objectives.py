@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from oat_jax import oat, objectives, steps, train
+from oat_jax.names import DECODES
 from oat_jax.objectives import LossSettings
 
 OUTPUTS = np.array([[1.0, -0.5, 2.0], [0.0, 3.0, -1.0], [9.0, 9.0, 9.0]], np.float32)
@@ -78,8 +79,7 @@ def test_six_arms_of_three_seeds_train_from_one_pretraining(synthetic_config, tm
         assert ("max_target" in record) == objectives.get(record["arm"]).uses_anchor
         by_decode = record["test_accuracy_by_decode"]
         assert sorted(by_decode) == ["batch", "single", "train_anchor", "uniform"]
-        own = "batch" if objectives.get(record["arm"]).decode == "anchor" else "uniform"
-        assert record["test_accuracy"] == by_decode[own]
+        assert record["test_accuracy"] == by_decode[objectives.get(record["arm"]).decode]
         result = summary["arms"][record["arm"]]
         assert result["seeds"][str(record["seed"])]["final_test_accuracy"] == record["test_accuracy"]
     for arm in objectives.names()[1:]:
@@ -92,8 +92,9 @@ def test_six_arms_of_three_seeds_train_from_one_pretraining(synthetic_config, tm
 
 
 def test_the_four_decodings_against_numpy():
-    """``steps._correct`` on fixed outputs: argmax, OAT's decoding a * (z + 1) with the batch's anchor, with
-    each row's own anchor, and with a given (training) anchor; the released anchor softmax(mean softmax z)."""
+    """``steps._correct`` on fixed outputs: argmax (the uniform anchor's), OAT's decoding a * (z + 1) with the
+    batch's anchor, with each row's own anchor, and with a given (training) anchor; the released anchor
+    softmax(mean softmax z)."""
     outputs = np.array([[0.9, 1.0, -1.0], [0.2, -0.4, 0.1], [-0.3, 0.5, 0.4], [5.0, 5.0, 5.0]], np.float32)
     labels = np.array([0, 2, 1, 0], np.int32)
     mask = np.array([True, True, True, False])
@@ -105,12 +106,12 @@ def test_the_four_decodings_against_numpy():
 
     batch_anchor = softmax(softmax(outputs[:3].astype(np.float64)).mean(0))  # the real rows only
     single_anchors = softmax(softmax(outputs.astype(np.float64)))
-    expected = {"argmax": outputs.argmax(1), "anchor": (batch_anchor * (outputs + 1)).argmax(1),
+    expected = {"uniform": outputs.argmax(1), "batch": (batch_anchor * (outputs + 1)).argmax(1),
                 "single": (single_anchors * (outputs + 1)).argmax(1),
                 "train_anchor": (train_anchor * (outputs + 1)).argmax(1)}
     # Row 0 by hand: [0.9, 1.0, -1.0] + 1 = [1.9, 2.0, 0.0]; with the training anchor [0.95, 0.6, 0]: class 0,
     # while argmax says 1.
-    assert expected["train_anchor"][0] == 0 and expected["argmax"][0] == 1
+    assert expected["train_anchor"][0] == 0 and expected["uniform"][0] == 1
 
     class Fixed:  # a state whose model returns its inputs: outputs = images with mean 0, std 1/255
         apply_fn = staticmethod(lambda variables, images, train: images)
@@ -118,8 +119,9 @@ def test_the_four_decodings_against_numpy():
         def variables(self):
             return {}
 
-    counts = steps._correct(Fixed(), jnp.asarray(outputs), jnp.asarray(labels), jnp.asarray(mask),
-                            jnp.asarray(train_anchor), 0.0, 1 / 255, "released", steps.DECODES)
-    for name in steps.DECODES:
+    batch = (jnp.asarray(outputs), jnp.asarray(labels), jnp.asarray(mask))
+    counts = steps._correct(Fixed(), batch, jnp.asarray(train_anchor), steps.StepSettings(0.0, 1 / 255), DECODES,
+                            with_loss=False)
+    for name in DECODES:
         assert int(counts[name]) == int(np.sum((expected[name] == labels) & mask)), name
         np.testing.assert_array_equal(counts[f"{name}_per_class"], np.bincount(expected[name][mask], minlength=3))

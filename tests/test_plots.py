@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import SYNTHETIC
-from oat_jax import eval_batch_sizes, plots, report, train
+from oat_jax import eval_batch_sizes, evaluation, plots, report, train
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.experiment import Experiment
 
@@ -23,11 +23,11 @@ def _records(workdir):
 
 
 def _fake_run(workdir, seeds=(0, 1), classes=4, pretrain_epochs=1, num_epochs=3, old=False, arms=("ce", "oat")):
-    """A workdir as a run of ``method="both"`` leaves it (no checkpoints), its metrics made up; ``old``: as
+    """A workdir as a run of arms "ce,oat" leaves it (no checkpoints), its metrics made up; ``old``: as
     runs logged them before the anchor telemetry (anchor statistics for OAT only)."""
     rng = np.random.default_rng(0)
     workdir.mkdir()
-    config = {"dataset": SYNTHETIC, "model": "lightweight", "num_epochs": num_epochs, "method": "both",
+    config = {"dataset": SYNTHETIC, "model": "lightweight", "num_epochs": num_epochs, "arms": "ce,oat",
               "pretrain_epochs": pretrain_epochs, "eval_batch_size": 16,
               "paper": {"table": "", "setting": "", "ce": 0.0, "oat": 0.0}}
     (workdir / "config.json").write_text(json.dumps(config))
@@ -73,18 +73,18 @@ def _restored(workdir, arm, exp):
 
 
 def _check_sweep(workdir, results):
-    """The sweep's accuracies are those of train.evaluate on the restored checkpoints at each batch size."""
+    """The sweep's accuracies are those of evaluation.evaluate on the restored checkpoints at each batch size."""
     exp = Experiment.build(eval_batch_sizes.run_config(str(workdir)))
     assert exp.config.eval_batch_size == 16  # the run's own test batch
     states = _restored(workdir, "oat", exp)
     assert results["checkpoint_epochs"] == {"oat": 3, "ce": 3} and results["test_samples"] == 75
     for size in (1, 8, 32, 128, 0):  # OAT's own decoding, with each test batch's anchor
-        assert results["oat"][str(size)] == train.evaluate(exp, states, ("anchor",), batch_size=size or 75)["anchor"]
-    ce = train.evaluate(exp, _restored(workdir, "ce", exp), ("argmax",))  # at the run's own test batch
-    assert results["ce"] == ce["argmax"]
+        assert results["oat"][str(size)] == evaluation.evaluate(exp, states, ("batch",), size or 75)["batch"]
+    ce = evaluation.evaluate(exp, _restored(workdir, "ce", exp), ("uniform",))  # at the run's own test batch
+    assert results["ce"] == ce["uniform"]
     # At the run's own test batch, the same accuracy as the run logged for its last OAT epoch.
     logged = [r["test_accuracy"] for r in _records(workdir) if r["arm"] == "oat" and r["epoch"] == 3]
-    assert train.evaluate(exp, states, ("anchor",))["anchor"] == logged
+    assert evaluation.evaluate(exp, states, ("batch",))["batch"] == logged
 
 
 def test_every_figure_of_a_real_run_and_its_batch_size_sweep(synthetic_config, tmp_path, capsys):

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from oat_jax import config_schema, data, input_pipeline, models, oat, steps, train, workdir
+from oat_jax import config_schema, data, evaluation, input_pipeline, models, oat, steps, train, workdir
 from oat_jax import state as state_lib
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.experiment import Experiment
@@ -39,12 +39,12 @@ def test_padded_rows_do_not_change_a_step(synthetic_config, objective):
     state, dataset, mean, std = _state_and_data(synthetic_config)
     images, labels = dataset.train_images[:5], dataset.train_labels[:5]
     copy = lambda s: jax.tree.map(jnp.array, s)  # the step donates its input state
-    real, loss_real, anchor_real = steps.train_step(copy(state), images, labels, np.ones(5, bool), mean, std,
+    real, loss_real, anchor_real = steps.train_step(copy(state), (images, labels, np.ones(5, bool)), mean, std,
                                                     objective=objective)
     padded_images = np.concatenate([images, dataset.train_images[100:103]])
     padded_labels = np.concatenate([labels, dataset.train_labels[100:103]])
     mask = np.array([True] * 5 + [False] * 3)
-    padded, loss_padded, anchor_padded = steps.train_step(copy(state), padded_images, padded_labels, mask, mean,
+    padded, loss_padded, anchor_padded = steps.train_step(copy(state), (padded_images, padded_labels, mask), mean,
                                                           std, objective=objective)
     np.testing.assert_allclose(loss_real, loss_padded, rtol=1e-5)
     np.testing.assert_allclose(anchor_real, anchor_padded, rtol=1e-5)
@@ -56,7 +56,7 @@ def test_oat_step_descends_the_oat_loss(synthetic_config):
     state, dataset, mean, std = _state_and_data(synthetic_config)
     images, labels, mask = dataset.train_images[:16], dataset.train_labels[:16], np.ones(16, bool)
     params = jax.tree.map(jnp.array, state.params)
-    new_state, loss_before, _ = steps.train_step(state, images, labels, mask, mean, std, objective="oat")
+    new_state, loss_before, _ = steps.train_step(state, (images, labels, mask), mean, std, objective="oat")
     outputs = new_state.apply_fn({"params": new_state.params}, steps.normalise(images, mean, std))
     before = new_state.apply_fn({"params": params}, steps.normalise(images, mean, std))
     np.testing.assert_allclose(loss_before, oat.oat_loss(before, labels).mean(), rtol=1e-5)
@@ -70,15 +70,15 @@ def test_evaluation_counts_every_test_sample_once(synthetic_config, eval_batch_s
     synthetic_config.num_seeds = 2
     exp = Experiment.build(synthetic_config)
     dataset, mean, std, states = exp.dataset, exp.mean, exp.std, exp.template
-    accuracy = train.evaluate(exp, states)
+    accuracy = evaluation.evaluate(exp, states)
     labels = dataset.test_labels
     for k in range(2):
         params = jax.tree.map(lambda leaf: leaf[k], states.params)
         outputs = np.asarray(states.apply_fn({"params": params}, steps.normalise(dataset.test_images, mean, std)))
         expected_ce = 100.0 * np.mean(outputs.argmax(-1) == labels)
         correct = np.sum(_numpy_oat_predictions(outputs, eval_batch_size) == labels)
-        assert accuracy["argmax"][k] == pytest.approx(expected_ce, abs=1e-9)
-        assert accuracy["anchor"][k] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
+        assert accuracy["uniform"][k] == pytest.approx(expected_ce, abs=1e-9)
+        assert accuracy["batch"][k] == pytest.approx(100.0 * correct / len(labels), abs=1e-9)
 
 
 def _numpy_oat_predictions(outputs, batch_size):
@@ -132,8 +132,8 @@ def test_the_metrics_of_the_steps_add_up_on_the_device():
     losses = np.array([0.5, np.nan, 2.0], np.float32)
     metrics = jax.tree.map(lambda leaf: leaf[0], steps.new_metrics(1, 5))
     for s in range(3):
-        metrics = steps._accumulate(metrics, losses[s], anchors[s], labels[s], masks[s], np.array([0, 0, 1, 2, 2]),
-                                    uses_anchor=True)
+        metrics = steps._accumulate(metrics, losses[s], anchors[s], (None, labels[s], masks[s]),
+                                    np.array([0, 0, 1, 2, 2]), uses_anchor=True)
     rows = masks.sum(axis=1)
     assert int(metrics["rows"]) == rows.sum() and int(metrics["steps"]) == 3
     assert np.isnan(metrics["loss_sum"])  # the NaN step is counted, and reported:
@@ -173,14 +173,14 @@ def test_both_arms_learn_and_branch_from_the_same_pretraining(synthetic_config, 
 
 def test_momentum_is_reset_when_oat_starts_unless_configured(synthetic_config, tmp_path, monkeypatch):
     """The OAT arm starts from a zero momentum trace with reset_momentum, else from the pre-training's last."""
-    synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.method = 3, 2, "oat"
+    synthetic_config.num_epochs, synthetic_config.pretrain_epochs, synthetic_config.arms = 3, 2, "oat"
     run_arm, starting_traces = train._run_arm, {}
 
-    def recording(exp, states, arm, *args, **kwargs):
+    def recording(run, arm, point):
         if arm == "oat":  # copied before the arm's steps donate (overwrite) the state
-            starting_traces[exp.config.reset_momentum] = jax.device_get(
-                optax.tree_utils.tree_get(states.opt_state, "trace"))
-        return run_arm(exp, states, arm, *args, **kwargs)
+            starting_traces[run.exp.config.reset_momentum] = jax.device_get(
+                optax.tree_utils.tree_get(point.states.opt_state, "trace"))
+        return run_arm(run, arm, point)
 
     monkeypatch.setattr(train, "_run_arm", recording)
     template = Experiment.build(synthetic_config).template
@@ -286,12 +286,12 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(synthetic_c
 def test_checkpoints_restore_the_evaluated_state(synthetic_config, tmp_path):
     summary, _ = _run(synthetic_config, tmp_path)
     exp = Experiment.build(synthetic_config)
-    for arm, decode in (("ce", "argmax"), ("oat", "anchor")):
+    for arm, decode in (("ce", "uniform"), ("oat", "batch")):
         manager = ArmCheckpoints(str(tmp_path), arm)
         assert manager.latest_epoch() == synthetic_config.num_epochs
         restored = manager.restore(manager.latest_epoch(), exp.template)
         manager.close()
-        accuracy = train.evaluate(exp, restored)[decode]
+        accuracy = evaluation.evaluate(exp, restored)[decode]
         assert accuracy == [summary["arms"][arm]["final_test_accuracy"]]
 
 
@@ -300,20 +300,6 @@ def test_a_workdir_with_another_config_is_refused(synthetic_config, tmp_path):
     _run(synthetic_config, tmp_path)
     synthetic_config.learning_rate = 0.5
     with pytest.raises(WorkdirMismatch, match="learning_rate"):
-        _run(synthetic_config, tmp_path)
-
-
-def test_a_workdir_from_before_a_new_field_resumes_while_the_field_keeps_its_default(synthetic_config, tmp_path):
-    """A run recorded before a field existed (anchor_scope, here removed from its config.json) had that
-    field's default: the same config resumes it, a different value of the new field is refused."""
-    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
-    first, _ = _run(synthetic_config, tmp_path)
-    recorded = json.loads((tmp_path / "config.json").read_text())
-    del recorded["anchor_scope"]
-    (tmp_path / "config.json").write_text(json.dumps(recorded))
-    assert _run(synthetic_config, tmp_path)[0] == {**first, "already_finished": True}
-    synthetic_config.anchor_scope = "device"
-    with pytest.raises(WorkdirMismatch, match="anchor_scope"):
         _run(synthetic_config, tmp_path)
 
 
@@ -439,8 +425,10 @@ def test_fused_epoch_gives_the_step_by_step_result(synthetic_config, objective):
     synthetic_config.fused_epoch = True
     fused = Experiment.build(synthetic_config, plain.dataset)
     copy = lambda s: jax.tree.map(jnp.array, s)
-    plain_states, plain_metrics = train.train_epoch(plain, copy(plain.template), 1, objective, objective)
-    fused_states, fused_metrics = train.train_epoch(fused, copy(plain.template), 1, objective, objective)
+    plain_states, plain_metrics = train.train_epoch(plain, plain.bind_steps(objective), copy(plain.template), 1,
+                                                    objective)
+    fused_states, fused_metrics = train.train_epoch(fused, fused.bind_steps(objective), copy(plain.template), 1,
+                                                    objective)
     assert np.asarray(fused_states.step).tolist() == np.asarray(plain_states.step).tolist() == [13]
     assert plain_metrics.keys() == fused_metrics.keys()
     for name in plain_metrics:
@@ -475,21 +463,6 @@ def test_replicas_train_like_separate_runs(synthetic_config, tmp_path, monkeypat
                       rtol=1e-5, atol=1e-6)
     assert together["arms"]["oat"]["final_test_accuracy"] == pytest.approx(np.mean(
         [together["arms"]["oat"]["seeds"][s]["final_test_accuracy"] for s in ("0", "1")]))
-
-
-def test_a_workdir_of_the_method_field_resumes_under_arms(synthetic_config, tmp_path):
-    """A run recorded with the older ``method`` field (method "both", no arms) is the run of arms "ce,oat":
-    rerun either way, it is finished and nothing is trained again. Both ways name the same arms."""
-    synthetic_config.num_epochs, synthetic_config.pretrain_epochs = 2, 1
-    first, _ = _run(synthetic_config, tmp_path)
-    recorded = json.loads((tmp_path / "config.json").read_text())
-    del recorded["arms"]
-    recorded["method"] = "both"
-    (tmp_path / "config.json").write_text(json.dumps(recorded))
-    assert _run(synthetic_config, tmp_path) == ({**first, "already_finished": True}, [])
-    synthetic_config.method = "both"
-    assert config_schema.arms_of(synthetic_config) == ["ce", "oat"]
-    assert _run(synthetic_config, tmp_path) == ({**first, "already_finished": True}, [])
 
 
 def test_a_diverging_seed_ends_only_itself(synthetic_config, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""oat_jax.workdir's files: a config's identity (the old ``method`` and the new ``arms`` compared alike),
-config.json read with the defaults of older runs, checked and recorded, and the summary of any arms."""
+"""oat_jax.workdir's files: a config's identity, config.json read, checked and recorded, and the summary of
+any arms."""
 import json
 import math
 import subprocess
@@ -12,16 +12,14 @@ from oat_jax.config_schema import base_config
 from oat_jax.paired import paired_comparison
 
 
-def _new_config(**fields):
-    """A config's ``to_dict()`` as the arms-era schema makes it: ``arms`` set, the shorthand ``method`` unset."""
-    return {**base_config().to_dict(), "arms": "ce,oat", "method": "", **fields}
+def _config(**fields):
+    """A config's ``to_dict()``."""
+    return {**base_config().to_dict(), **fields}
 
 
-def _old_record(**fields):
-    """config.json as a run made before ``arms`` recorded it: no arms, ``method`` "both", no cosmetic field."""
-    config = {k: v for k, v in base_config().to_dict().items() if k not in workdir.COSMETIC_FIELDS}
-    config.pop("arms", None)
-    return {**config, "method": "both", **fields}
+def _recorded(**fields):
+    """config.json as a run records it: every field but the cosmetic ones."""
+    return {k: v for k, v in _config(**fields).items() if k not in workdir.COSMETIC_FIELDS}
 
 
 def _workdir(path, record, trained=True):
@@ -32,33 +30,17 @@ def _workdir(path, record, trained=True):
     return path
 
 
-def test_identity_folds_the_old_method_into_arms_and_drops_the_cosmetic_fields():
-    old = {"learning_rate": 0.01, "method": "both", "progress": True, "steps_in_flight": 2,
-           "distributed": {"num_processes": 0}, "stall_timeout_seconds": 30.0}
-    new = {"learning_rate": 0.01, "arms": "ce,oat", "method": "", "progress": False}
-    assert workdir.identity(old) == {"learning_rate": 0.01, "arms": "ce,oat"}
-    assert workdir.identity(new) == {"learning_rate": 0.01, "arms": "ce,oat"}
-    # A set method overrides arms; neither set: both arms, the default.
-    assert workdir.identity({"arms": "ce,oat", "method": "oat"}) == {"arms": "oat"}
-    assert workdir.identity({"method": "ce"}) == {"arms": "ce"}
-    assert workdir.identity({"seed": 3}) == {"seed": 3, "arms": "ce,oat"}
-    assert workdir.identity({"arms": " oat, oat_uniform", "method": ""}) == {"arms": "oat,oat_uniform"}
+def test_identity_drops_the_cosmetic_fields_and_the_spaces_between_arms():
+    config = {"learning_rate": 0.01, "arms": " oat, oat_uniform", "progress": True, "steps_in_flight": 2,
+              "distributed": {"num_processes": 0}, "stall_timeout_seconds": 30.0}
+    assert workdir.identity(config) == {"learning_rate": 0.01, "arms": "oat,oat_uniform"}
+    assert workdir.identity({"seed": 3}) == {"seed": 3}
 
 
-def test_read_config_fills_the_fields_an_older_run_predates(tmp_path):
-    _workdir(tmp_path / "run", {"dataset": "cifar10", "method": "ce", "learning_rate": 0.01,
-                                "paper": {"table": "Table 4", "setting": "CIFAR-10, lightweight CNN"},
-                                "retired_field": 7}, trained=False)
-    config = workdir.read_config(str(tmp_path / "run"))
-    assert config["dataset"] == "cifar10" and config["learning_rate"] == 0.01
-    assert config["method"] == "ce" and config["arms"] == "ce"  # arms from the method; the method kept
-    assert config["retired_field"] == 7  # a field unknown to this version is kept: it may tell runs apart
-    # Fields the file lacks: base_config()'s values, the paper's group completed field by field.
-    assert config["num_epochs"] == 100 and config["pretrain_epochs"] == 10 and config["batch_size"] == 32
-    assert config["anchor_scope"] == "global" and config["seed"] == 0 and config["progress"] is True
-    assert config["paper"] == {"table": "Table 4", "setting": "CIFAR-10, lightweight CNN", "ce": 0.0, "oat": 0.0}
-    _workdir(tmp_path / "bare", {}, trained=False)
-    assert workdir.read_config(str(tmp_path / "bare"))["arms"] == "ce,oat"
+def test_read_config_reads_config_json_as_it_is(tmp_path):
+    record = _recorded(dataset="cifar10", retired_field=7)
+    _workdir(tmp_path / "run", record, trained=False)
+    assert workdir.read_config(str(tmp_path / "run")) == record  # a field unknown to this version kept
 
 
 def test_read_config_errors_are_one_line_naming_the_file(tmp_path):
@@ -77,57 +59,50 @@ def test_read_config_errors_are_one_line_naming_the_file(tmp_path):
         workdir.read_summary(str(tmp_path / "empty"))
 
 
-def test_check_config_accepts_an_old_method_both_run_for_the_same_arms(tmp_path):
-    # anchor_scope: a field the run predates, its default ("global") then.
-    record = {k: v for k, v in _old_record().items() if k != "anchor_scope"}
+def test_check_config_accepts_the_same_run_whatever_its_cosmetic_fields(tmp_path):
+    record = _recorded()
     run = _workdir(tmp_path / "run", record)
-    workdir.check_config(str(run), _new_config())
-    workdir.check_config(str(run), _new_config(progress=False, steps_in_flight=0))  # cosmetic fields may change
-    workdir.check_config(str(run), _new_config(arms="oat,ce", method="both"))  # the method decides
+    workdir.check_config(str(run), _config())
+    workdir.check_config(str(run), _config(progress=False, steps_in_flight=0))  # cosmetic fields may change
+    workdir.check_config(str(run), _config(arms="ce, oat"))
     assert json.loads((run / "config.json").read_text()) == record  # read only
 
 
 def test_check_config_refuses_a_changed_field_naming_it(tmp_path):
-    run = _workdir(tmp_path / "run", _old_record())
+    run = _workdir(tmp_path / "run", _recorded())
     expected = (f"workdir {run} holds a run with a different config (fields: {{}}); rerun with the same config "
                 "to resume it, or pass a new --workdir to start fresh")
     with pytest.raises(workdir.WorkdirMismatch) as error:
-        workdir.check_config(str(run), _new_config(learning_rate=0.01))
+        workdir.check_config(str(run), _config(learning_rate=0.01))
     assert str(error.value) == expected.format("learning_rate (recorded 0.001, now 0.01)")
     with pytest.raises(workdir.WorkdirMismatch) as error:
-        workdir.check_config(str(run), _new_config(arms="oat", anchor_scope="device"))
+        workdir.check_config(str(run), _config(arms="oat", anchor_scope="device"))
     assert str(error.value) == expected.format("anchor_scope (recorded 'global', now 'device'), arms (recorded "
                                                "'ce,oat', now 'oat')")
-    # A field the run predates is a change only when the new config sets another value than its default.
-    predates = _workdir(tmp_path / "predates", {k: v for k, v in _old_record().items()
-                                                if k not in ("anchor_scope", "init")})
-    with pytest.raises(workdir.WorkdirMismatch, match=r"\(fields: anchor_scope \(recorded 'global', now 'device'\)\)"):
-        workdir.check_config(str(predates), _new_config(anchor_scope="device", init="flax"))
-    # ... except for a field whose default has changed since: a run before init="torch" was initialised as Flax
-    # does, and resumes only as such.
-    workdir.check_config(str(predates), _new_config(init="flax"))
-    with pytest.raises(workdir.WorkdirMismatch, match=r"\(fields: init \(recorded 'flax', now 'torch'\)\)"):
-        workdir.check_config(str(predates), _new_config())
+    # A field config.json lacks is a change too: nothing is assumed of it.
+    lacking = _workdir(tmp_path / "lacking", {k: v for k, v in _recorded().items() if k != "anchor_scope"})
+    with pytest.raises(workdir.WorkdirMismatch, match=r"\(fields: anchor_scope \(recorded None, now 'global'\)\)"):
+        workdir.check_config(str(lacking), _config())
 
 
 def test_check_config_lets_a_new_config_take_a_folder_without_a_trained_run(tmp_path):
     untrained = _workdir(tmp_path / "config_only", {"learning_rate": 0.5}, trained=False)
-    workdir.check_config(str(untrained), _new_config())
-    workdir.check_config(str(tmp_path / "nowhere"), _new_config())
+    workdir.check_config(str(untrained), _config())
+    workdir.check_config(str(tmp_path / "nowhere"), _config())
     broken = _workdir(tmp_path / "broken", {})
     (broken / "config.json").write_text("[]")
     with pytest.raises(workdir.WorkdirMismatch) as error:
-        workdir.check_config(str(broken), _new_config())
+        workdir.check_config(str(broken), _config())
     assert str(error.value) == (f"workdir {broken} holds a run whose config.json is not a JSON object; pass a new "
                                 "--workdir to start fresh")
 
 
 def test_record_config_writes_all_but_the_cosmetic_fields_and_keeps_an_equal_record(tmp_path):
-    config = {"learning_rate": 0.01, "arms": "ce,oat", "method": "", "progress": True, "steps_in_flight": 2,
+    config = {"learning_rate": 0.01, "arms": "ce,oat", "progress": True, "steps_in_flight": 2,
               "stall_timeout_seconds": 30.0, "distributed": {"num_processes": 0}, "paper": {"table": ""}}
     run = tmp_path / "new" / "run"
     workdir.record_config(str(run), config)
-    recorded = {"learning_rate": 0.01, "arms": "ce,oat", "method": "", "paper": {"table": ""}}
+    recorded = {"learning_rate": 0.01, "arms": "ce,oat", "paper": {"table": ""}}
     assert json.loads((run / "config.json").read_text()) == recorded
     (run / "config.json").write_text(json.dumps(recorded))  # compact: rewriting would indent it
     workdir.record_config(str(run), {**config, "progress": False})
