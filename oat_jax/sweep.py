@@ -454,13 +454,18 @@ def _parser() -> argparse.ArgumentParser:
                         help="a config field and its values; several --grid make a product")
     parser.add_argument("--seeds", default="0", help="seeds of every grid point: 100, 200-209 or 1,3,5")
     parser.add_argument("--out", required=True, help="the sweep's folder")
-    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="runs side by side")
-    parser.add_argument("--prune", action="store_true",
-                        help="delete each finished run's checkpoints and TensorBoard events")
+    _running_options(parser)
     parser.add_argument("--extend-edges", action="store_true",
                         help="once the grid is done, add one point beyond each edge where an arm's choice sits "
                              "(once per folder) and choose again")
     return parser
+
+
+def _running_options(parser: argparse.ArgumentParser) -> None:
+    """How the runs of a sweep and of its confirmation are run."""
+    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="runs side by side")
+    parser.add_argument("--prune", action="store_true",
+                        help="delete each finished run's checkpoints and TensorBoard events")
 
 
 def _confirm_parser() -> argparse.ArgumentParser:
@@ -469,9 +474,7 @@ def _confirm_parser() -> argparse.ArgumentParser:
         description="Trains each arm at its chosen grid point (selection.json) on fresh seeds.")
     parser.add_argument("folder", help="a finished sweep's folder")
     parser.add_argument("--seeds", required=True, help="the fresh seeds: 200-209 or 1,3,5")
-    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help="runs side by side")
-    parser.add_argument("--prune", action="store_true",
-                        help="delete each finished run's checkpoints and TensorBoard events")
+    _running_options(parser)
     return parser
 
 
@@ -479,18 +482,16 @@ def main(argv: list[str]) -> int:
     overrides = [arg for arg in argv if arg.startswith("--config.")]
     rest = [arg for arg in argv if not arg.startswith("--config.")]
     try:
-        if rest[:1] == ["confirm"]:
-            args = _confirm_parser().parse_args(rest[1:])
-            if args.parallel < 1:
-                raise SweepError(f"--parallel must be at least 1, got {args.parallel}")
+        confirming = rest[:1] == ["confirm"]
+        args = _confirm_parser().parse_args(rest[1:]) if confirming else _parser().parse_args(rest)
+        if args.parallel < 1:
+            raise SweepError(f"--parallel must be at least 1, got {args.parallel}")
+        if confirming:
             workdirs = confirm(args, overrides)
             print(f"confirmed: {len(workdirs)} runs under {os.path.join(args.folder, CONFIRM_DIR)}; report them "
                   f"with python -m oat_jax.report {os.path.join(args.folder, CONFIRM_DIR)}/*/seed_* "
                   f"--sweep {args.folder}")
             return 0
-        args = _parser().parse_args(rest)
-        if args.parallel < 1:
-            raise SweepError(f"--parallel must be at least 1, got {args.parallel}")
         selection = sweep(args, overrides)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
