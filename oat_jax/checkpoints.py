@@ -1,12 +1,9 @@
-"""Orbax checkpoints of one training arm: ``<workdir>/checkpoints/<arm>/<optimiser step>``.
+"""Orbax checkpoints of one training arm, ``<workdir>/checkpoints/<arm>/<optimiser step>``.
 
-Orbax writes each checkpoint to a temporary folder and renames it when complete, so a run killed at any
-moment leaves only whole checkpoints behind; the latest one is where a rerun resumes. With several processes
-every one calls the same methods (Orbax coordinates the writing); process 0 alone moves or removes folders.
-
-A checkpoint that cannot be read (truncated, corrupt) is set aside; one whose saved arrays do not fit the state
-being restored (another model, number of classes or version of this code) raises ``CheckpointMismatch`` and
-stays where it is. Saving on a full disk raises ``disk_full.WorkdirFull``.
+Orbax renames a checkpoint into place once complete, so a killed run leaves only whole ones. A checkpoint that
+cannot be read is set aside; one that does not fit the state (another model or version) raises
+``CheckpointMismatch`` and stays. A full disk raises ``disk_full.WorkdirFull``. With several processes each
+calls the same methods (Orbax coordinates); process 0 alone moves folders.
 """
 from __future__ import annotations
 
@@ -27,37 +24,25 @@ from oat_jax.disk_full import WorkdirFull, is_disk_full, writing
 
 
 class CheckpointMismatch(RuntimeError):
-    """A checkpoint whose saved arrays differ from the state to restore in structure, shape or dtype: the
-    workdir was made by another version or config. Nothing is moved."""
+    """A checkpoint whose saved arrays differ from the state's in structure, shape or dtype."""
 
 
-# Set once a save met a full disk: the run ends with one line (WorkdirFull), and what Orbax's threads still
-# report about the abandoned save is noise.
-_SAVE_FAILED = threading.Event()
-
-
-class _QuietAfterFullDisk(logging.Filter):
-    """Orbax's writer threads (through absl) and asyncio log a failed save's error with its traceback while the
-    save raises the same error in the caller, and after a full disk the threads still busy with the abandoned
-    save log more: none of that is printed."""
-
-    def filter(self, record):
-        return not (record.exc_info and (_SAVE_FAILED.is_set() or is_disk_full(record.exc_info[1])))
+_SAVE_FAILED = threading.Event()  # set once a save met a full disk: what Orbax's threads say after is noise
 
 
 def _quiet_closed_loop(unraisable, hook):
-    """Tensorstore writes of a failed save that finish after Orbax closed its event loop report the closed loop
-    as an 'unraisable' RuntimeError with a traceback, which says nothing about the checkpoint: not printed."""
+    # Tensorstore writes of a failed save that end after Orbax closed its event loop report only that.
     if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
         hook(unraisable)
 
 
 @contextlib.contextmanager
 def quiet_checkpoint_noise():
-    """For the block (a run), what Orbax and tensorstore report of a failed save or restore besides the error
-    its caller gets is not printed; the loggers' filters and ``sys.unraisablehook`` are as they were after it."""
-    quiet, hook = _QuietAfterFullDisk(), sys.unraisablehook
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    """For the block (a run), the tracebacks that Orbax's threads (through absl), asyncio and tensorstore print
+    of a failed save, besides the error the caller gets, are not printed; the filters and hook are put back."""
+    def quiet(record):
+        return not (record.exc_info and (_SAVE_FAILED.is_set() or is_disk_full(record.exc_info[1])))
+    hook, loggers = sys.unraisablehook, [logging.getLogger(name) for name in ("absl", "asyncio")]
     for logger in loggers:
         logger.addFilter(quiet)
     sys.unraisablehook = functools.partial(_quiet_closed_loop, hook=hook)
@@ -81,8 +66,8 @@ def _saving(path: str):
 
 
 class ResumePoint(NamedTuple):
-    """Where an arm resumes: after ``epoch`` finished epochs and ``steps_done`` steps of the next one (0 at an
-    epoch's end), with the states and, part-way, the next epoch's running metrics."""
+    """Where an arm resumes: after ``epoch`` epochs and ``steps_done`` steps of the next, with the states and,
+    part-way, that epoch's running metrics."""
     epoch: int
     steps_done: int
     states: object
@@ -90,16 +75,10 @@ class ResumePoint(NamedTuple):
 
 
 class ArmCheckpoints:
-    """The checkpoints of one arm (``names.PRETRAIN`` or an objective's name) in one Orbax manager:
-    ``<workdir>/checkpoints/<arm>/<optimiser step>``, each holding the replicas' ``state`` and, for an epoch
-    stopped part-way (Ctrl-C, SIGTERM), its running metrics as ``progress``. Orbax's custom metadata says
-    which epoch a checkpoint ends ({"epoch": e, "steps_done": None}) or how far into which epoch it stopped
-    ({"epoch": e, "steps_done": s}).
-
-    Two are kept, so the previous one survives while the next is written. A finished epoch is saved in the
-    background while the next epoch trains (Orbax first copies the arrays, so the next steps may overwrite
-    them); ``close`` and every restore wait for it.
-    """
+    """One arm's checkpoints in an Orbax manager: each holds the replicas' ``state`` and, for an epoch stopped
+    part-way, its running metrics as ``progress``; the custom metadata {"epoch": e, "steps_done": s or None}
+    says where it stands. Two are kept, so one survives while the next is written. A finished epoch is saved
+    in the background while the next trains; ``close`` and every restore wait for it."""
 
     def __init__(self, workdir: str, arm: str, max_to_keep: int = 2):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints", arm)
@@ -113,8 +92,7 @@ class ArmCheckpoints:
                                                      enable_async_checkpointing=True))
 
     def _point(self, step: int) -> tuple[int, int | None] | None:
-        """(epoch, steps done of it, None when the checkpoint ends the epoch) of a saved step; None when its
-        metadata cannot be read (a damaged checkpoint)."""
+        """(epoch, steps done part-way or None) of a saved step; None when its metadata cannot be read."""
         try:
             saved = self._manager.metadata(step).custom_metadata
             return saved["epoch"], saved["steps_done"]
@@ -128,8 +106,8 @@ class ArmCheckpoints:
         return max((point[0] for point in points if point and point[1] is None), default=None)
 
     def save(self, epoch: int, states, steps_done: int | None = None, metrics: dict | None = None) -> None:
-        """Saves the end of ``epoch`` (in the background), or with ``steps_done`` its progress part-way,
-        ``metrics`` its running metrics (and waits, as the run is stopping)."""
+        """Saves the end of ``epoch`` in the background, or with ``steps_done`` and ``metrics`` its progress
+        part-way (and waits: the run is stopping)."""
         step = int(np.asarray(sharding.to_host(states.step)).reshape(-1)[0])
         items = {"state": ocp.args.StandardSave(states)}
         if steps_done is not None:
@@ -143,7 +121,7 @@ class ArmCheckpoints:
             self.wait()
 
     def wait(self) -> None:
-        """Returns once a save in flight is complete on disk (WorkdirFull naming it when the disk filled)."""
+        """Returns once a save in flight is on disk (WorkdirFull naming it when the disk filled)."""
         with _saving(self._in_flight or self.directory):
             self._manager.wait_until_finished()
         self._in_flight = None
@@ -158,20 +136,15 @@ class ArmCheckpoints:
         return restored["state"], restored["progress"] if with_progress else None
 
     def restore(self, epoch: int, template):
-        """The states saved at the end of ``epoch``, with the structure (and static fields) of ``template``;
-        raises CheckpointMismatch when the saved arrays do not fit ``template``."""
+        """The states saved at the end of ``epoch``, in ``template``'s structure (CheckpointMismatch if unfit)."""
         self.wait()
         step = next(step for step in self._manager.all_steps() if self._point(step) == (epoch, None))
         return self._restore(step, template, with_progress=False)[0]
 
     def restore_latest(self, template, warn, at_most: int | None = None) -> ResumePoint | None:
-        """The latest checkpoint that restores, or None. A checkpoint that does not (truncated, corrupt) is
-        moved aside to ``checkpoints/corrupt/``, never deleted, and ``warn`` is called with a line naming it;
-        the previous one is tried next. CheckpointMismatch is raised as is.
-
-        Checkpoints past epoch ``at_most`` (the last one metrics.jsonl records; part-way, past the epoch after
-        it) are removed with a warning: their epochs are trained again, exactly, so the log and the
-        checkpoints agree."""
+        """The latest checkpoint that restores, or None. One that does not is moved to ``checkpoints/corrupt/``
+        with a ``warn``ing, and the previous one tried. Checkpoints past epoch ``at_most`` (the last one
+        metrics.jsonl records) are removed with a warning, so that the log and the checkpoints agree."""
         self.wait()
         for step in sorted(self._manager.all_steps(), reverse=True):
             epoch, part = self._point(step) or (None, None)
@@ -199,15 +172,13 @@ class ArmCheckpoints:
         return None
 
     def close(self) -> None:
-        """Waits for a save in flight to be complete on disk."""
         self.wait()
         self._manager.close()
 
 
 def _check_fits(path: str, read_metadata, template) -> None:
-    """Raises CheckpointMismatch when the arrays saved at ``path`` (their stored metadata, without reading
-    the data) differ from ``template``'s in tree paths, shapes or dtypes. Metadata that cannot be read is
-    left to the restore to judge: damage, if the restore fails."""
+    """CheckpointMismatch when the arrays saved at ``path`` (their metadata) differ from ``template``'s in tree
+    paths, shapes or dtypes; unreadable metadata is left to the restore to judge."""
     try:
         saved = _shapes(read_metadata().tree)
     except Exception:  # damaged, or absent (None has no .tree)
@@ -224,14 +195,8 @@ def _check_fits(path: str, read_metadata, template) -> None:
 
 
 def _shapes(tree) -> dict:
-    """{"params/head/bias": "(1, 64, 10) float32"} in the tree's order: the same names for a state and for the
-    metadata Orbax saved of it."""
-    def name(key):
-        for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-            if hasattr(key, attribute):
-                return str(getattr(key, attribute))
-        return str(key)
-    return {"/".join(map(name, path)): f"{tuple(leaf.shape)} {leaf.dtype}"
+    """{"params/head/bias": "(1, 64, 10) float32"}: the same names for a state and for Orbax's metadata of it."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{tuple(leaf.shape)} {leaf.dtype}"
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -240,8 +205,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _set_aside(path: str, checkpoints: str, name: str) -> str:
-    """Moves a damaged checkpoint folder to ``<checkpoints>/corrupt/<name>[-k]``; returns where (process 0
-    moves it; the others only answer where)."""
+    """Moves a damaged checkpoint to ``<checkpoints>/corrupt/<name>[-k]`` (process 0); returns where."""
     if not distributed.is_primary():
         return os.path.join(checkpoints, "corrupt", name)
     corrupt = os.path.join(checkpoints, "corrupt")

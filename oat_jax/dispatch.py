@@ -1,17 +1,9 @@
 """How far the host may run ahead of the devices, and a watchdog for devices that stop answering.
 
-JAX dispatches a jitted step and returns at once, so a training loop can queue hundreds of steps. On
-XLA:CPU with several devices that deadlocks: its CPU client admits at most 32 programs in flight per device
-(a semaphore), and a launch waiting on a full semaphore holds one of the client's few launch threads. Once
-every launch thread waits on a device whose program is itself waiting in a cross-device reduction for a
-device whose launch never gets a thread, nothing moves, and after 40 s XLA aborts the process. A loop
-that keeps at most ``steps_in_flight`` steps unfinished never fills the semaphore: the host still prepares
-the next batches while the devices compute, which is all the dispatch-ahead buys.
-
-``StallWatchdog`` covers what bounding cannot rule out: while the host waits for a step, a thread checks
-that the wait ends within ``stall_timeout_seconds``; if it does not, it prints one line saying what stalled
-and ends the process (the last finished epoch's checkpoint stays, and a rerun resumes from it). A thread
-blocked inside XLA cannot be interrupted, so ending the process is the only way out.
+XLA:CPU with several devices deadlocks when the host queues too many steps (docs/distributed.md), so the loops
+keep at most ``steps_in_flight`` unfinished (``InFlight``). What bounding cannot rule out, ``StallWatchdog``
+ends: a wait longer than ``stall_timeout_seconds`` prints one line and ends the process (a thread blocked in
+XLA cannot be interrupted); the last finished epoch's checkpoint stays for a rerun.
 """
 from __future__ import annotations
 
@@ -30,7 +22,7 @@ STALL_EXIT_CODE = 5
 
 class StallWatchdog:
     """Ends the process with one line when a wait inside ``waiting`` lasts over ``timeout`` seconds, while
-    ``running`` (a run); otherwise it watches nothing, and no thread of it is left."""
+    ``running``; otherwise no thread of it is left."""
 
     def __init__(self):
         self.timeout, self.hint = 0.0, ""
@@ -42,7 +34,7 @@ class StallWatchdog:
 
     @contextlib.contextmanager
     def running(self, timeout: float, hint: str = ""):
-        """Watches for the block (0 = never); ``hint`` ends the message: what to try (it ends with "; ")."""
+        """Watches for the block (0 = never); ``hint``, ending in "; ", says what to try."""
         self.timeout, self.hint = timeout, hint
         try:
             yield self
@@ -68,8 +60,7 @@ class StallWatchdog:
         try:
             yield
         finally:
-            with self._lock:
-                self._since = None
+            self._since = None
 
     def _watch(self):
         while not self._done.wait(min(1.0, self.timeout / 4 or 1.0)):
@@ -90,8 +81,7 @@ WATCHDOG = StallWatchdog()
 
 
 class InFlight:
-    """Keeps at most ``limit`` dispatched steps unfinished (0 = no bound): ``add`` a value each step
-    returns, and it waits for the oldest beyond the limit; ``drain`` waits for them all."""
+    """Keeps at most ``limit`` dispatched steps unfinished (0 = no bound): ``add`` waits for the oldest beyond it."""
 
     def __init__(self, limit: int, watchdog: StallWatchdog = WATCHDOG):
         self.limit, self.watchdog = limit, watchdog

@@ -1,6 +1,5 @@
-"""An experiment's replicas evaluated on a held-out set: the test set by each decoding (``names.DECODES``),
-with each replica's accuracy, share of predictions per class and accuracy per class; the validation split by
-an arm's own decoding, with its loss. The evaluation steps in flight are bounded like the training's."""
+"""The replicas evaluated on the test set by each decoding (``names.DECODES``) and on the validation split by
+the arm's own, with the steps in flight bounded like the training's."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -13,16 +12,15 @@ from oat_jax.names import BATCH, UNIFORM
 
 
 class Evaluation(NamedTuple):
-    """A held-out set's figures per decoding: each replica's accuracy (%), its share of predictions per
-    class (K, C), and its accuracy (%) on each true class (K, C; NaN for a class with no sample)."""
+    """Per decoding: each replica's accuracy (%), share of predictions per class and accuracy (%) on each true
+    class (K, C; NaN for a class with no sample)."""
     accuracies: dict[str, list[float]]
     shares: dict[str, np.ndarray]
     recalls: dict[str, np.ndarray]
 
 
 def _summed_counts(exp: Experiment, evaluate, batches, what: str) -> dict:
-    """The counts ``evaluate`` (a function of a host batch) returns over every batch of ``batches``, summed, on
-    the host; ``what`` names the set where a stalled device is reported."""
+    """The counts ``evaluate`` returns over ``batches``, summed on the host (``what`` names a stalled set)."""
     in_flight, counts = dispatch.InFlight(exp.config.steps_in_flight), []
     for number, batch in enumerate(batches, 1):
         counts.append(evaluate(batch))
@@ -47,9 +45,8 @@ def _recalls(correct_per_class: np.ndarray, labels: np.ndarray, num_classes: int
 
 def evaluate_in_detail(exp: Experiment, states, decodes: tuple[str, ...] = (UNIFORM, BATCH),
                        batch_size: int | None = None, train_anchors=None, steps: ArmSteps | None = None) -> Evaluation:
-    """Each replica's test figures per decoding (of ``names.DECODES``; TRAIN_ANCHOR with ``train_anchors``
-    (K, C)) over every test sample, in batches of ``batch_size`` (default ``eval_batch_size``), with the anchor
-    variant of ``steps``' arm (default: evaluation alone, the config's)."""
+    """Each replica's test figures per decoding (TRAIN_ANCHOR with ``train_anchors`` (K, C)) in batches of
+    ``batch_size`` (default ``eval_batch_size``), with the anchor variant of ``steps``' arm (default the config's)."""
     evaluate, anchors = (steps or exp.bind_steps()).evaluate, _placed_anchors(exp, train_anchors)
     totals = _summed_counts(exp, lambda batch: evaluate(states, batch, anchors, decodes=decodes),
                             exp.test_batches(batch_size or exp.config.eval_batch_size), "test")
@@ -67,9 +64,8 @@ def evaluate(exp: Experiment, states, decodes: tuple[str, ...] = (UNIFORM, BATCH
 
 
 def evaluate_validation(exp: Experiment, steps: ArmSteps, states) -> list[dict]:
-    """Each replica's figures on the validation split by its arm's own decoding (``steps``): its accuracy (%),
-    its balanced accuracy (the mean of the classes' accuracies, %) and its mean loss there (OAT's with each
-    validation batch's anchor)."""
+    """Each replica's validation accuracy, balanced accuracy (mean recall, %) and mean loss (OAT's with each
+    batch's anchor), by the arm's own decoding."""
     decode, anchors = objectives.get(steps.objective).decode, _placed_anchors(exp)
     totals = _summed_counts(exp, lambda batch: steps.evaluate(states, batch, anchors, decodes=(decode,),
                                                               with_loss=True),

@@ -1,6 +1,5 @@
 """An experiment, built once from its config: the dataset and its normalisation, the model, the device mesh,
-the replicas' initial states, and each arm's jitted steps bound to all of these (``Experiment.bind_steps``). The
-training loop and the evaluation take it instead of a dozen arguments."""
+the replicas' initial states, and each arm's jitted steps bound to these (``Experiment.bind_steps``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +20,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def normalisation_statistics(config, dataset: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """The per-channel mean and std that the steps standardise images with."""
     if config.normalisation == "imagenet":
         if dataset.train_images.shape[-1] != 3:
             raise data.DatasetError(f"normalisation 'imagenet' needs RGB images; {dataset.name} has "
@@ -47,18 +45,16 @@ def check_inputs(config, dataset: data.Dataset) -> None:
 
 
 def fused_epochs(config) -> bool:
-    """Whether epochs run as one compiled loop: as ``fused_epoch`` says, or by default on accelerators only.
-    XLA:CPU runs the convolutions' gradients inside a compiled loop through a slower generic path (about 2x
-    the epoch, ``benchmarks/results/cpu_epoch_time.json``), so there the steps go one by one."""
+    """Whether epochs run as one compiled loop: as ``fused_epoch`` says, by default not on XLA:CPU, where a
+    compiled loop takes the convolutions' gradients down a slower path (about 2x, benchmarks/README.md)."""
     return config.fused_epoch if config.fused_epoch is not None else jax.default_backend() != "cpu"
 
 
 class ArmSteps(NamedTuple):
-    """An arm's jitted steps (``Experiment.bind_steps``), bound once to what they close over (the objective and
-    its loss settings, the normalisation, the mesh; the model comes with the states), called with host batches:
-    ``train(states, metrics, batch)`` -> (states, metrics); where the training set is on the devices,
-    ``train_on_device(states, metrics, orders, first_step)``, the rest of an epoch as one compiled loop; and
-    ``evaluate(states, batch, train_anchors, decodes=, with_loss=)`` -> counts (``steps.eval_step_replicas``)."""
+    """An arm's jitted steps, bound to its objective, loss settings, normalisation and mesh, called with host
+    batches: ``train(states, metrics, batch)``; ``train_on_device(states, metrics, orders, first_step)``, the
+    rest of an epoch as one compiled loop (None unless the training set is on the devices); and
+    ``evaluate(states, batch, train_anchors, decodes=, with_loss=)`` (``steps.eval_step_replicas``)."""
     objective: str | None
     train: Callable
     train_on_device: Callable | None
@@ -81,8 +77,8 @@ class Experiment:
 
     @classmethod
     def build(cls, config, dataset: data.Dataset | None = None) -> Experiment:
-        """Loads the dataset (unless given), checks that the model can take it, and creates the states;
-        ConfigError, DatasetError or WeightsError in one line when it cannot."""
+        """Loads the dataset (unless given), checks the model can take it, creates the states; ConfigError,
+        DatasetError or WeightsError in one line when it cannot."""
         mesh = sharding.data_mesh()
         sharding.check_batch_sizes(config, mesh)
         pretrained = state_lib.pretrained_path(config)
@@ -132,14 +128,13 @@ class Experiment:
         return input_pipeline.num_batches(len(self.dataset.train_labels), self.config.batch_size)
 
     def epoch_orders(self, epoch: int) -> np.ndarray:
-        """Each replica's sample order of ``epoch``, padded to whole batches (K, S·B) by
-        ``input_pipeline.padded_order``, the same for fused and stepwise epochs."""
+        """Each replica's sample order of ``epoch``, padded to whole batches (K, S·B)."""
         size = len(self.dataset.train_labels)
         return np.stack([input_pipeline.padded_order(input_pipeline.epoch_order(size, seed, epoch),
                                                      self.config.batch_size) for seed in self.seeds]).astype(np.int32)
 
     def train_batches(self, orders: np.ndarray, first_step: int) -> Iterator[tuple]:
-        """The host batches (K, B, ...) of ``orders`` from step ``first_step`` on: images, labels, masks."""
+        """The host batches (images, labels, masks; (K, B, ...)) of ``orders`` from step ``first_step`` on."""
         batch, size = self.config.batch_size, len(self.dataset.train_labels)
         for start in range(first_step * batch, orders.shape[1], batch):
             index = orders[:, start:start + batch]
@@ -147,13 +142,13 @@ class Experiment:
             yield self.dataset.train_images[index], self.dataset.train_labels[index].astype(np.int32), masks
 
     def test_batches(self, batch_size: int) -> Iterator[tuple]:
-        """The test set in batches (K, B, ...) of ``batch_size``, each replica in its own fixed order."""
+        """The test set in batches (K, B, ...), each replica in its own fixed order."""
         return self._held_out_batches(self.dataset.test_images, self.dataset.test_labels, batch_size,
                                       self.config.shuffle_eval, input_pipeline.TEST_STREAM)
 
     def validation_batches(self, batch_size: int) -> Iterator[tuple]:
         """The validation split in batches (K, B, ...), always shuffled (a class-sorted batch would hand OAT's
-        batch anchor the label), each replica in its own fixed order."""
+        batch anchor the label)."""
         return self._held_out_batches(self.dataset.validation_images, self.dataset.validation_labels, batch_size,
                                       True, input_pipeline.VALIDATION_STREAM)
 
@@ -168,5 +163,5 @@ class Experiment:
             yield tuple(np.stack(arrays) for arrays in zip(*parts))
 
     def fresh_optimiser(self, states):
-        """The states with a new optimiser state (momentum zeroed), as an arm starts with ``reset_momentum``."""
+        """The states with momentum zeroed, as an arm starts with ``reset_momentum``."""
         return states.replace(opt_state=jax.vmap(states.tx.init)(states.params))

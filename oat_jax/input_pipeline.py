@@ -1,7 +1,5 @@
-"""In-memory batching: seeded per-epoch shuffling and fixed-shape batches with a mask for padding.
-
-Images stay uint8 on the host; the jitted steps normalise them. Every batch has the same shape (the last
-one padded), so each step compiles once, and the mask keeps padded rows out of anchors, losses and counts.
+"""In-memory batching: seeded per-epoch orders and fixed-shape uint8 batches (the last padded, so each step
+compiles once) with a mask that keeps the padding out of anchors, losses and counts.
 """
 from __future__ import annotations
 
@@ -11,8 +9,7 @@ import numpy as np
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one training epoch: a function of (seed, epoch) only, so a resumed run sees
-    the same batches as an uninterrupted one."""
+    """One training epoch's order, a function of (seed, epoch) only, so a resumed run sees the same batches."""
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
@@ -33,16 +30,15 @@ def num_batches(num_samples: int, batch_size: int) -> int:
 
 
 def padded_order(order: np.ndarray, batch_size: int) -> np.ndarray:
-    """``order`` padded to whole batches by repeating the last batch's first sample; the padded positions
-    (from ``len(order)`` on) are masked wherever batches are cut from it, fused and stepwise alike."""
+    """``order`` padded to whole batches with the last batch's first sample (positions from ``len(order)`` on
+    are masked wherever batches are cut from it)."""
     padding = num_batches(len(order), batch_size) * batch_size - len(order)
     return np.concatenate([order, np.full(padding, order[(len(order) - 1) // batch_size * batch_size])])
 
 
 def batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray,
             batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (images (B, H, W, C) uint8, labels (B,) int32, mask (B,) bool), B = batch_size, in ``order``;
-    the last batch is padded (``padded_order``) and its padding masked."""
+    """Yields (images (B, H, W, C) uint8, labels (B,) int32, mask (B,) bool) in ``order``, the last padded."""
     padded = padded_order(order, batch_size)
     for start in range(0, len(padded), batch_size):
         index = padded[start:start + batch_size]

@@ -1,6 +1,5 @@
-"""Where a rerun resumes, from what its workdir holds: each arm's last epoch that metrics.jsonl records for
-every seed, the seeds that diverged, and each arm's latest checkpoint that restores, past damaged ones and
-ones ahead of the log. A run with nothing left to train is recognised, and its summary read back."""
+"""Where a rerun resumes: each arm's last epoch that metrics.jsonl records for every live seed, and its latest
+checkpoint that restores (past damaged ones and ones ahead of the log); a finished run's summary read back."""
 from __future__ import annotations
 
 from oat_jax import distributed
@@ -12,8 +11,8 @@ from oat_jax.workdir import MetricsLog
 
 
 def plan(workdir: str, exp: Experiment, log: MetricsLog, checkpoints: dict[str, ArmCheckpoints]):
-    """(the summary of a run with nothing left to train, else None; each arm's ResumePoint, or None where the
-    arm has nothing to resume from: the pre-training starts afresh, an arm from the pre-training's end)."""
+    """(a finished run's summary or None; each arm's ResumePoint, or None: start afresh, an arm from the
+    pre-training's end)."""
     ended = _ended_seeds(log.divergences())
     logged = _logged_epochs(log.records(), exp.seeds, ended)
     diverged = {arm for arm, seeds in ended.items() if set(exp.seeds) <= set(seeds)}  # every seed ended
@@ -32,8 +31,7 @@ def _ended_seeds(divergences) -> dict[str, dict[int, int]]:
 
 
 def _logged_epochs(records, seeds, ended: dict | None = None) -> dict:
-    """Each arm's last epoch that metrics.jsonl records for every seed still training then (0 for none): a
-    seed in ``ended`` (``_ended_seeds``) is not waited for from the epoch it diverged in."""
+    """Each arm's last epoch that metrics.jsonl records for every seed not ``ended`` by then."""
     seen = {(r["arm"], r["epoch"], r["seed"]) for r in records}
     logged = {}
     for arm, epoch, _ in seen:
@@ -44,9 +42,8 @@ def _logged_epochs(records, seeds, ended: dict | None = None) -> dict:
 
 
 def _resume_points(checkpoints: dict[str, ArmCheckpoints], exp: Experiment, logged, diverged) -> dict:
-    """Each arm's ResumePoint or None, falling back past damaged checkpoints and past checkpoints ahead of
-    the log (``logged``: each arm's last logged epoch). A finished arm, or one in ``diverged``, is not
-    restored (its point holds no states); the pre-training only when something still needs it."""
+    """Each arm's ResumePoint or None. A finished or ``diverged`` arm is not restored (its point holds no
+    states); the pre-training only when something still needs it."""
     config, points = exp.config, {}
     for arm in exp.arms:
         latest = checkpoints[arm].latest_epoch()
@@ -66,8 +63,8 @@ def _resume_points(checkpoints: dict[str, ArmCheckpoints], exp: Experiment, logg
 
 
 def _finished_summary(workdir: str, exp: Experiment, logged, diverged) -> dict | None:
-    """The summary of a run that has nothing left to train (every arm logged to its last epoch or diverged),
-    read from its summary.json; None otherwise. Its checkpoints are not needed (a study keeps none)."""
+    """summary.json of a run with every arm logged to its last epoch or diverged (its checkpoints not needed:
+    a study keeps none); None otherwise."""
     config = exp.config
     nothing_after_pretraining = config.pretrain_epochs == config.num_epochs
     if logged.get(PRETRAIN, 0) < config.pretrain_epochs or not all(

@@ -15,15 +15,14 @@ from oat_jax import models, sharding
 
 
 class TrainState(train_state.TrainState):
-    """A Flax TrainState plus the model's BatchNorm statistics (an empty dict for models without BatchNorm)
-    and the raw key data from which each step's dropout key is derived (folded with the step number)."""
+    """A Flax TrainState plus the BatchNorm statistics ({} without BatchNorm) and the raw key data each step's
+    dropout key is folded from."""
     batch_stats: Any = None
     dropout_key: jax.Array = None
     has_batch_stats: bool = struct.field(pytree_node=False, default=False)
 
     def variables(self, params=None) -> dict:
-        """The variables to apply the model with: these parameters (the state's own by default) and the
-        BatchNorm statistics where the model has them."""
+        """The variables to apply the model with: ``params`` (default the state's) and any BatchNorm statistics."""
         variables = {"params": self.params if params is None else params}
         if self.has_batch_stats:
             variables["batch_stats"] = self.batch_stats
@@ -32,8 +31,7 @@ class TrainState(train_state.TrainState):
 
 @functools.lru_cache(maxsize=None)
 def sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
-    """One optimiser object per setting: it is a static part of the jitted steps' signature, so a new but
-    equal one would compile them again."""
+    """One optimiser object per setting: a static part of the steps' signature (an equal new one recompiles)."""
     return optax.sgd(learning_rate, momentum=momentum)
 
 
@@ -47,7 +45,7 @@ def replica_seeds(config) -> list[int]:
 
 
 def pretrained_path(config) -> str:
-    """The weights file the config names ("" = none), resolved; raises weights.WeightsError if missing."""
+    """The weights file the config names ("" = none), resolved; weights.WeightsError if missing."""
     if not config.pretrained_weights:
         return ""
     from oat_jax.models import weights  # reads torch and safetensors files: only imported when used
@@ -55,8 +53,8 @@ def pretrained_path(config) -> str:
 
 
 def create_train_state(model, image_shape, config, seed: int, pretrained: str = "") -> TrainState:
-    """One replica's state: the model initialised from ``seed`` (as ``config.init`` says), then, with a
-    ``pretrained`` weights file, everything but the new head replaced by those weights."""
+    """One replica's state, initialised from ``seed`` as ``config.init`` says; with ``pretrained``, everything
+    but the new head replaced by those weights."""
     seed_key = jax.random.key(seed)
     variables = dict(model.init(seed_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32)))
     if config.init == "torch":  # before the pretrained weights: the new head keeps it
@@ -71,12 +69,11 @@ def create_train_state(model, image_shape, config, seed: int, pretrained: str = 
                               batch_stats=variables.get("batch_stats", {}),
                               dropout_key=jax.random.key_data(dropout_key),
                               has_batch_stats="batch_stats" in variables)
-    # Typed and placed on the device like a restored checkpoint's arrays: a Python int step or uncommitted
-    # arrays would make the jitted steps compile a second time after every restore.
+    # Typed and placed like a restored checkpoint's arrays, or the steps would compile again after a restore.
     return jax.device_put(state.replace(step=jnp.asarray(0, jnp.int32)), jax.local_devices()[0])
 
 
 def create_replicas(model, image_shape, config, pretrained: str = "") -> TrainState:
-    """The states of all replicas stacked on a leading axis (K = num_seeds), each initialised from its seed."""
+    """The states of all replicas stacked on a leading axis (K = num_seeds)."""
     states = [create_train_state(model, image_shape, config, seed, pretrained) for seed in replica_seeds(config)]
     return sharding.place_states(jax.tree.map(lambda *leaves: jnp.stack(leaves), *states), sharding.data_mesh())

@@ -1,13 +1,10 @@
-"""The jitted, pure steps: an SGD step of any objective (``oat_jax.objectives``), many steps fused into one
-compiled loop, and an evaluation step. ``Experiment.bind_steps`` binds them once per arm to what they close over
-(``StepSettings``), so that the loop calls them with states, metrics and a batch.
+"""The jitted, pure steps: an SGD step of any objective, many steps fused into one compiled loop, and an
+evaluation step; ``Experiment.bind_steps`` binds them to their ``StepSettings`` once per arm.
 
-The training loop runs a stack of independent replicas (seeds) side by side in one compiled program: the
-``*_replicas`` functions map the single-replica step over a leading replica axis of the state and of the
-batch, so every replica keeps its own parameters, data order and anchors. Each training step also adds
-itself to the epoch's metrics (a small pytree, ``new_metrics``) on the device, so the host reads them once an
-epoch. A batch is (images (B, H, W, C) uint8, labels (B,), mask (B,) of real rows), with a leading axis K for
-the replicas. ``train_step`` is the step for a single model, for use in one's own loop.
+The ``*_replicas`` steps run K independent replicas (seeds) in one program over a leading axis of the states
+and the batch (images (K, B, H, W, C) uint8, labels (K, B), masks (K, B) of real rows). Each training step adds
+itself to the epoch's metrics on the device (``new_metrics``), read once an epoch. ``train_step`` is the step
+of a single model, for one's own loop.
 """
 from __future__ import annotations
 
@@ -26,11 +23,9 @@ from oat_jax.objectives import LossSettings
 
 @struct.dataclass
 class StepSettings:
-    """What a step closes over besides the states and the batch: the normalisation's per-channel mean and std
-    and the steps of an epoch whose anchor is kept (arguments of the compiled program: as constants XLA would
-    fold them into its arithmetic, and the results would change in their last bits), the objective and its
-    loss settings (static: each its own program). Without an objective, the steps evaluate with the config's
-    anchor variant."""
+    """What a step closes over: the normalisation and the steps whose anchor is kept (arguments: as constants
+    XLA would fold them and change the last bits), the objective and its loss settings (static). Without an
+    objective the steps evaluate with the config's anchor variant."""
     mean: Any
     std: Any
     sample_at: Any = None  # ``sampled_steps``
@@ -44,8 +39,8 @@ class StepSettings:
 
 @struct.dataclass
 class OnDevice:
-    """The training set on every device, from which a fused epoch gathers its batches of ``batch_size``; with
-    ``batch_sharding`` (``sharding.batch_sharding``) each device gathers and trains on its slice of each."""
+    """The training set on every device, from which a fused epoch gathers its batches; with ``batch_sharding``
+    each device trains on its slice of each."""
     images: Any
     labels: Any
     num_real: int  # the training set's size, past which an order is padding (an argument, as in StepSettings)
@@ -54,13 +49,9 @@ class OnDevice:
 
 
 def _over_replicas(fn):
-    """Applies ``fn`` to each replica (leading axis K) of its arguments inside one compiled program.
-
-    One replica: ``fn`` itself. Several: ``vmap`` on accelerators; on XLA:CPU, K unrolled copies of ``fn``,
-    because there a vmapped convolution over per-replica weights becomes a grouped convolution and a
-    ``lax.map`` loop runs its body slowly, while unrolled copies cost about one replica's time each
-    (``benchmarks/results/cpu_step_time_*.json``, "seeds": per seed at K = 4, 4.67 ms against 5.31 ms alone).
-    """
+    """Applies ``fn`` to each replica (leading axis K) of its arguments in one program: ``vmap`` on
+    accelerators; on XLA:CPU K unrolled copies, as a vmapped convolution there becomes a slow grouped one
+    (``benchmarks/results/cpu_step_time_*.json``, "seeds": 4.67 ms a seed at K = 4, 5.31 ms alone)."""
     def over(*args):
         replicas = jax.tree.leaves(args)[0].shape[0]
         if replicas == 1:
@@ -84,10 +75,9 @@ def normalise(images, mean, std):
 
 
 def _forward_train(state, params, images, settings: StepSettings):
-    """Outputs in training mode, and the BatchNorm statistics this batch updates (unchanged without BN).
-    Each step draws its dropout key from the replica's key and the step number, so a resumed run draws
-    the same keys as an uninterrupted one. The padded rows of a last, partial batch repeat a real sample;
-    they enter that one batch's BatchNorm statistics (the loss and the anchor mask them out)."""
+    """Outputs in training mode and the updated BatchNorm statistics. The dropout key comes from the replica's
+    key and the step number, so a resumed run draws the same keys. Padded rows enter BatchNorm's statistics
+    (the loss and the anchor mask them out)."""
     dropout = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
     outputs, updates = state.apply_fn(state.variables(params), normalise(images, settings.mean, settings.std),
                                       train=True, rngs={"dropout": dropout}, mutable=["batch_stats"])
@@ -95,8 +85,8 @@ def _forward_train(state, params, images, settings: StepSettings):
 
 
 def _sgd_step(state, batch, settings: StepSettings):
-    """One SGD step of the objective: the new state, the batch's mean loss over its real rows and the batch
-    anchor of its outputs (for every objective: telemetry, compared across arms)."""
+    """One SGD step: the new state, the mean loss over the real rows and the batch anchor (telemetry for
+    every objective)."""
     images, labels, mask = batch
 
     def loss_fn(params):
@@ -113,12 +103,9 @@ def _sgd_step(state, batch, settings: StepSettings):
 
 @functools.partial(jax.jit, static_argnames=("objective", "loss"), donate_argnums=0)
 def train_step(state, batch, mean, std, *, objective: str, loss: LossSettings = LossSettings()):
-    """One SGD step of a single model, for use in one's own loop, on a batch (images (B, H, W, C) uint8,
-    labels (B,), mask (B,) of real rows); ``objective`` names an entry of ``oat_jax.objectives`` ("ce", "oat").
-
-    Returns the new state, the batch loss, and the batch's anchor (C,), computed inside the step from the
-    batch's own outputs (for "ce" only as telemetry).
-    """
+    """One SGD step of a single model on a batch (images (B, H, W, C) uint8, labels (B,), mask (B,) of real
+    rows); ``objective`` names an entry of ``oat_jax.objectives`` ("ce", "oat"). Returns the new state, the
+    batch loss and the batch's anchor (C,), computed inside the step (for "ce" only as telemetry)."""
     return _sgd_step(state, batch, StepSettings(mean, std, None, objective, loss))
 
 
@@ -128,7 +115,7 @@ _NO_STEP = -1
 
 
 def new_metrics(replicas: int, num_classes: int) -> dict:
-    """The metrics of an epoch not yet begun, for K replicas (host arrays; the first step places them)."""
+    """The metrics of an epoch not yet begun, for K replicas (host arrays)."""
     zeros = functools.partial(np.zeros, dtype=np.float32)
     return {"steps": np.zeros(replicas, np.int32), "rows": np.zeros(replicas, np.int32),
             "loss_sum": zeros(replicas), "anchor_sum": zeros((replicas, num_classes)),
@@ -139,8 +126,7 @@ def new_metrics(replicas: int, num_classes: int) -> dict:
 
 
 def sampled_steps(count: int) -> np.ndarray:
-    """Which steps (0-based) of an epoch of ``count`` keep their anchor: SAMPLED_STEPS, evenly spread (a
-    short epoch repeats some)."""
+    """Which steps (0-based) of an epoch keep their anchor: SAMPLED_STEPS, evenly spread."""
     return np.linspace(0, count - 1, SAMPLED_STEPS).round().astype(np.int32)
 
 
@@ -173,16 +159,14 @@ def _step_with_metrics(state, metrics, batch, settings: StepSettings):
 
 @functools.partial(jax.jit, donate_argnums=0)
 def train_step_replicas(states, metrics, batch, settings: StepSettings):
-    """One step of K replicas at once: states, metrics and the batch carry a leading axis K (images
-    (K, B, H, W, C), labels and masks (K, B)). Returns the states and the metrics with this step added."""
+    """One step of K replicas: the states and the metrics with this step added."""
     return _over_replicas(functools.partial(_step_with_metrics, settings=settings))(states, metrics, batch)
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnums=0)
 def train_steps_on_device(states, metrics, epoch, settings: StepSettings, data: OnDevice, *, num_steps: int):
-    """``num_steps`` steps of an epoch as one compiled loop over the training set on the devices (``data``):
-    the same step as ``train_step_replicas``, its batches gathered on the device. ``epoch`` is (the replicas'
-    sample orders (K, S·B), padded to S whole batches; the first step to take)."""
+    """``num_steps`` steps as one compiled loop, the same step on batches gathered from ``data`` on the
+    devices; ``epoch`` is (the replicas' padded sample orders (K, S·B), the first step to take)."""
     step = functools.partial(_step_with_metrics, settings=settings)
     (orders, first_step), size = epoch, data.batch_size
 
@@ -226,11 +210,8 @@ def _correct(state, batch, train_anchor, settings: StepSettings, decodes, with_l
 @functools.partial(jax.jit, static_argnames=("decodes", "with_loss"))
 def eval_step_replicas(states, batch, train_anchors, settings: StepSettings, *,
                        decodes: tuple[str, ...] = (UNIFORM, BATCH), with_loss: bool = False):
-    """Correct predictions among the real rows of each replica's test batch (K replicas, leading axis K),
-    for each decoding in ``decodes`` (of ``names.DECODES``; TRAIN_ANCHOR with ``train_anchors`` (K, C), the
-    replica's mean training anchor), the anchors of ``settings.variant``. Counts of shape (K,), under
-    "<decode>_per_class" the number of predictions of each class (K, C), and under "<decode>_correct_per_class"
-    the correct ones by true class (K, C). ``with_loss``: also the objective's loss summed over the real rows,
-    "loss_sum" (K,)."""
+    """Counts over the real rows of each replica's batch, per decoding in ``decodes`` (TRAIN_ANCHOR with
+    ``train_anchors`` (K, C)): correct predictions (K,), predictions of each class "<decode>_per_class" and
+    correct ones by true class "<decode>_correct_per_class" (K, C); ``with_loss``: the loss summed, "loss_sum"."""
     correct = functools.partial(_correct, settings=settings, decodes=decodes, with_loss=with_loss)
     return _over_replicas(correct)(states, batch, train_anchors)

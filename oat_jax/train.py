@@ -1,11 +1,9 @@
-"""The training loop: a shared cross-entropy pre-training, then every arm of the experiment (an objective of
-``oat_jax.objectives``, ``config.arms``) continued from it to ``num_epochs``, with Orbax checkpoints and a
-line of ``metrics.jsonl`` per arm, epoch and seed.
+"""The training loop: a shared cross-entropy pre-training, then every arm of ``config.arms`` continued from it to
+``num_epochs``, with Orbax checkpoints and a line of ``metrics.jsonl`` per arm, epoch and seed.
 
-The pre-training is trained once and saved; the arm named "ce" continues its optimiser state, every other
-arm starts from the saved pre-trained state (with a fresh optimiser under ``reset_momentum``). A run resumes
-exactly from where it stopped, part-way through an epoch included. ``train_and_evaluate`` reads in the order
-a run goes; each arm's steps are bound once (``Experiment.bind_steps``).
+The arm "ce" continues the pre-training's optimiser state; every other arm starts from the saved pre-trained
+state (with a fresh optimiser under ``reset_momentum``). A run resumes exactly where it stopped, part-way through
+an epoch included. ``train_and_evaluate`` reads in the order a run goes.
 """
 from __future__ import annotations
 
@@ -34,34 +32,27 @@ from oat_jax.workdir import MetricsLog, WorkdirBusy, WorkdirMismatch
 
 
 class TrainingDiverged(RuntimeError):
-    """The shared pre-training diverged (a non-finite loss or anchor), so no arm can start from it; the message
-    names epoch and step and the likely cause. A diverged arm only ends itself (``_record_divergence``)."""
+    """The shared pre-training diverged, so no arm can start from it (a diverged arm only ends itself)."""
 
 
 class StoppedBeforeTraining(KeyboardInterrupt):
-    """A stop request (Ctrl-C, SIGTERM) that came before the run's first epoch was saved: the workdir is as the
-    run found it, nothing to resume. The message says so in one line."""
+    """A stop before the run's first epoch was saved: the workdir is as the run found it."""
 
 
 class EpochStopped(KeyboardInterrupt):
-    """A stop request arrived part-way through an epoch: ``point`` is where a rerun resumes it."""
+    """A stop part-way through an epoch: ``point`` is where a rerun resumes it."""
 
     def __init__(self, point: ResumePoint):
         super().__init__()
         self.point = point
 
 
-# With several processes, how many steps apart they agree on whether to stop (each agreement waits for the
-# devices, so not at every step).
-_STOP_CHECK_STEPS = 10
-
+_STOP_CHECK_STEPS = 10  # several processes agree on a stop this many steps apart (each agreement waits)
 _STOP = threading.Event()
 
 
 def request_stop() -> None:
-    """Asks ``train_and_evaluate`` (running, or next to run in this process) to stop at its next step (from a
-    signal handler, say); it then raises KeyboardInterrupt with its progress checkpointed, or, before its first
-    epoch is saved, StoppedBeforeTraining with the workdir as it found it."""
+    """Asks the run in this process (or the next one) to stop at its next step, progress checkpointed."""
     _STOP.set()
 
 
@@ -75,8 +66,7 @@ def _stop_agreed() -> bool:
 
 
 class CompileClock:
-    """Seconds spent tracing and compiling (JAX's own events) while entered: an epoch's share is logged beside
-    its time, so that a first epoch's compilation is not read as a slow epoch."""
+    """Seconds spent tracing and compiling (JAX's own events) while entered, logged beside each epoch's time."""
     EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
               "/jax/core/compile/backend_compile_duration")
 
@@ -84,8 +74,7 @@ class CompileClock:
         self.seconds = 0.0
 
     def _count(self, event: str, seconds: float, **_) -> None:
-        if event in self.EVENTS:
-            self.seconds += seconds
+        self.seconds += seconds if event in self.EVENTS else 0.0
 
     def __enter__(self) -> CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._count)
@@ -97,8 +86,7 @@ class CompileClock:
 
 @dataclasses.dataclass
 class _Run:
-    """What the arms of a run share: the experiment, its metrics.jsonl, each arm's checkpoints, where each
-    epoch's lines are reported, and the compile clock."""
+    """What the arms of a run share."""
     exp: Experiment
     log: MetricsLog
     checkpoints: dict[str, ArmCheckpoints]
@@ -110,30 +98,24 @@ def _print_epoch(record):
     compiling = f" ({record['compile_seconds']:.1f}s compiling)" if record["compile_seconds"] >= 0.5 else ""
     extra = ""
     if "max_target" in record:  # the anchor shapes this arm's targets: how far from uniform (entropy ln C) it is
-        uniform = np.log(len(record["anchor"]))
-        extra = (f"  anchor entropy {record['anchor_entropy']:.3f} (uniform {uniform:.3f}), entries "
-                 f"{record['anchor_min']:.3f}-{record['anchor_max']:.3f}")
+        extra = (f"  anchor entropy {record['anchor_entropy']:.3f} (uniform {np.log(len(record['anchor'])):.3f}), "
+                 f"entries {record['anchor_min']:.3f}-{record['anchor_max']:.3f}")
     print(f"[{record['arm']:>8} seed {record['seed']}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
           f"test {record['test_accuracy']:6.2f}%  {record['epoch_seconds']:.1f}s{compiling}{extra}", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_print_epoch) -> dict:
-    """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also in summary.json), with
-    ``already_finished`` True when the workdir held a finished run (its files then left untouched). One run
-    per workdir at a time: WorkdirBusy while another holds it (``workdir.hold_lock``). What the run installs
-    (the compile clock, the quieting of failed saves, the stall watchdog) or takes (the workdir's lock) is
-    given back however it ends."""
+    """Runs (or resumes) the experiment in ``workdir`` and returns its summary (also summary.json), with
+    ``already_finished`` True when the workdir held a finished run (left untouched). WorkdirBusy while another
+    run holds the workdir. What the run installs or takes is given back however it ends."""
     with contextlib.ExitStack() as scope:
-        # A stop asked of this run ends with it, not carried over to the next run in this process; one asked
-        # before it began (a Ctrl-C in the command line's start-up) stops it before it writes anything.
-        scope.callback(_STOP.clear)
+        scope.callback(_STOP.clear)  # a stop ends this run only; one asked before it began stops it unwritten
         distributed.initialize(config)  # several processes: before anything runs on a device
         clock = scope.enter_context(CompileClock())
         scope.enter_context(quiet_checkpoint_noise())
         scope.enter_context(dispatch.WATCHDOG.running(
             config.stall_timeout_seconds if sharding.data_mesh() is not None else 0, _stall_hint(config)))
-        # Every check that can refuse the run comes before the first file is written.
-        workdir_lib.check_config(workdir, config.to_dict())
+        workdir_lib.check_config(workdir, config.to_dict())  # every refusal comes before the first file
         try:
             exp = Experiment.build(config)
             distributed.barrier("oat_jax:checked")
@@ -144,73 +126,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, report=_
             raise StoppedBeforeTraining("interrupted before training started; nothing was written")
         _take_workdir(config, workdir, scope)
 
-        checkpoints = {arm: ArmCheckpoints(workdir, arm) for arm in [PRETRAIN, *exp.arms]}
-        log = MetricsLog(os.path.join(workdir, workdir_lib.METRICS_FILE), write=distributed.is_primary())
-        try:
+        with contextlib.ExitStack() as files:  # closed (their saves complete on disk) before the summary
+            checkpoints = {arm: files.enter_context(contextlib.closing(ArmCheckpoints(workdir, arm)))
+                           for arm in [PRETRAIN, *exp.arms]}
+            log = MetricsLog(os.path.join(workdir, workdir_lib.METRICS_FILE), write=distributed.is_primary())
             finished, points = resume.plan(workdir, exp, log, checkpoints)
             if finished is not None:  # nothing left to train: its files stay as they are
                 return {**finished, "already_finished": True}
-            # Metrics of epochs past the checkpoints (an epoch logged but not saved, a damaged checkpoint) are redone.
+            # Metrics of epochs past the checkpoints (logged but not saved, a damaged checkpoint) are redone.
             log.keep_only({arm: -1 if point is None else point.epoch for arm, point in points.items()})
             if distributed.is_primary():
-                log.mirror = TensorBoardLog(workdir, log.records(), exp.seeds)
+                log.mirror = files.enter_context(contextlib.closing(TensorBoardLog(workdir, log.records(), exp.seeds)))
             _train_arms(_Run(exp, log, checkpoints, report, clock), points)
-        finally:
-            for manager in checkpoints.values():
-                manager.close()
-            if log.mirror is not None:
-                log.mirror.close()
 
         # On an imbalanced training set the stopping rule reads the balanced validation accuracy.
         summary = workdir_lib.summarise(log.records(), exp.arms, config.paper.to_dict(), log.divergences(),
                                         "val_balanced_accuracy" if config.train_imbalance > 1 else "val_accuracy")
-        dataset = exp.dataset
-        summary["dataset"] = {"name": dataset.name, "source": dataset.source,
-                              "train_samples": len(dataset.train_labels), "test_samples": len(dataset.test_labels)}
-        if exp.has_validation:
-            summary["dataset"]["validation_samples"] = len(dataset.validation_labels)
-        summary["dataset"]["train_class_counts"] = np.bincount(dataset.train_labels, minlength=exp.num_classes).tolist()
+        summary["dataset"] = _dataset_block(exp)
         if distributed.is_primary():
             workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
         return summary
 
 
+def _dataset_block(exp: Experiment) -> dict:
+    data = exp.dataset
+    block = {"name": data.name, "source": data.source, "train_samples": len(data.train_labels),
+             "test_samples": len(data.test_labels)}
+    if exp.has_validation:
+        block["validation_samples"] = len(data.validation_labels)
+    block["train_class_counts"] = np.bincount(data.train_labels, minlength=exp.num_classes).tolist()
+    return block
+
+
 def _stall_hint(config) -> str:
-    return (f"XLA:CPU's cross-device reductions can deadlock with many steps in flight: lower "
-            f"--config.steps_in_flight (now {config.steps_in_flight}), or raise --config.stall_timeout_seconds "
-            "if one step of this model takes longer; " if jax.default_backend() == "cpu" else
-            "raise --config.stall_timeout_seconds if one step of this model takes longer; ")
+    cpu = (f"XLA:CPU's cross-device reductions can deadlock with many steps in flight: lower "
+           f"--config.steps_in_flight (now {config.steps_in_flight}), or ")
+    return (cpu if jax.default_backend() == "cpu" else "") + (
+        "raise --config.stall_timeout_seconds if one step of this model takes longer; ")
 
 
 def _take_workdir(config, workdir: str, scope: contextlib.ExitStack) -> None:
-    """Locks the workdir (process 0; the others share it by design) and records the config; every process
-    raises together when process 0 is refused, none left waiting at a barrier. Until the run has logged or
-    saved an epoch, a stop puts a workdir that held no run back as it was (``_put_back_on_stop``)."""
+    """Locks the workdir (process 0; the others share it) and records the config; every process raises
+    together when process 0 is refused. Until the run has logged or saved an epoch, a stop puts a workdir that
+    held no run back as it was found and raises StoppedBeforeTraining."""
     refused, found = None, workdir_lib.as_found(workdir)
     if distributed.is_primary():
         try:
             scope.enter_context(workdir_lib.hold_lock(workdir))
             if workdir_lib.as_found(workdir) is None:  # another run trained here before the lock: not ours to remove
                 found = None
-            scope.push(_put_back_on_stop(workdir, found))  # pushed after the lock: unwound while it is held
             workdir_lib.check_config(workdir, config.to_dict())  # again, locked: another run may have trained here
         except (WorkdirBusy, WorkdirMismatch) as error:
             refused = error
-    else:  # the same decision, so that every process raises the same stop
-        scope.push(_put_back_on_stop(workdir, found))
-    if distributed.any_process(refused is not None):
-        raise refused or WorkdirBusy(f"workdir {workdir} was refused by process 0 (its error says why)")
-    if distributed.is_primary():
-        workdir_lib.record_config(workdir, config.to_dict())
-    distributed.barrier("oat_jax:workdir-recorded")
 
-
-def _put_back_on_stop(workdir: str, found):
-    """An exit callback for the run's ExitStack (unwound before the lock is released): a stop that ends the
-    run before it has logged anything (an epoch, a divergence) or saved an epoch part-way is nothing to resume,
-    so a workdir that held no run is put back as found (by process 0, which writes the files) and the stop
-    raised as StoppedBeforeTraining."""
-    def on_exit(kind, error, traceback) -> bool:
+    def put_back_on_stop(kind, error, traceback) -> bool:  # unwound while the lock is held
         if (found is None or not isinstance(error, KeyboardInterrupt)
                 or isinstance(error, (EpochStopped, StoppedBeforeTraining))
                 or workdir_lib.read_lines(os.path.join(workdir, workdir_lib.METRICS_FILE))):
@@ -218,14 +187,19 @@ def _put_back_on_stop(workdir: str, found):
         if distributed.is_primary():
             workdir_lib.put_back(workdir, found)
         raise StoppedBeforeTraining(f"interrupted before the first epoch was saved; nothing was kept in {workdir}")
-    return on_exit
+
+    if refused is None:
+        scope.push(put_back_on_stop)
+    if distributed.any_process(refused is not None):
+        raise refused or WorkdirBusy(f"workdir {workdir} was refused by process 0 (its error says why)")
+    if distributed.is_primary():
+        workdir_lib.record_config(workdir, config.to_dict())
+    distributed.barrier("oat_jax:workdir-recorded")
 
 
 def _train_arms(run: _Run, points: dict) -> None:
-    """The pre-training to its last epoch, then every arm from its end (each from its ``points``' where it
-    stopped; a finished arm's point holds no states)."""
-    exp, pretraining = run.exp, run.checkpoints[PRETRAIN]
-    point = points[PRETRAIN]
+    """The pre-training to its last epoch, then every arm from its point (a finished arm's holds no states)."""
+    exp, pretraining, point = run.exp, run.checkpoints[PRETRAIN], points[PRETRAIN]
     if point is None:
         point = ResumePoint(0, 0, exp.template, None)
         pretraining.save(0, point.states)  # the branch point exists even with no pre-training
@@ -233,24 +207,22 @@ def _train_arms(run: _Run, points: dict) -> None:
         _run_arm(run, PRETRAIN, point)
     for arm in exp.arms:
         point = points[arm]
-        if point is not None and point.states is None:
-            continue  # this arm has finished
         if point is None:
             states = pretraining.restore(exp.config.pretrain_epochs, exp.template)
             if arm != objectives.PRETRAINING and exp.config.reset_momentum:
                 states = exp.fresh_optimiser(states)
             point = ResumePoint(exp.config.pretrain_epochs, 0, states, None)
-        _run_arm(run, arm, point)
+        if point.states is not None:
+            _run_arm(run, arm, point)
 
 
 def _run_arm(run: _Run, arm: str, point: ResumePoint) -> None:
-    """Trains the epochs of one arm after ``point`` to its last, checkpointing and logging each (a line per
-    seed), until every seed has diverged. A stop request part-way through an epoch saves its progress first;
-    the next run resumes it."""
+    """Trains one arm's epochs after ``point``, logging (a line per seed) and checkpointing each, until every
+    seed has diverged. A stop part-way through an epoch saves its progress first."""
     exp = run.exp
     steps = exp.bind_steps(objectives.of_arm(arm))  # bound once for all of the arm's epochs
     last = exp.config.pretrain_epochs if arm == PRETRAIN else exp.config.num_epochs
-    # Replicas of this arm that diverged earlier: they compute on (on NaNs) but log nothing more.
+    # Replicas that diverged earlier compute on (on NaNs) but log nothing more.
     ended = {exp.seeds.index(event["seed"]) for event in run.log.divergences()
              if event["arm"] == arm and event["seed"] in exp.seeds}
     states, part_way = point.states, point if point.steps_done else None
@@ -275,14 +247,13 @@ def _run_arm(run: _Run, arm: str, point: ResumePoint) -> None:
                 return
         train_anchors = metrics["anchor_sum"] / metrics["rows"][:, None]
         tested = evaluation.evaluate_in_detail(exp, states, DECODES, train_anchors=train_anchors, steps=steps)
-        validated = evaluation.evaluate_validation(exp, steps, states) if exp.has_validation else None
+        validated = evaluation.evaluate_validation(exp, steps, states) if exp.has_validation else []
         records = _epoch_records(exp, arm, epoch, metrics, tested,
                                  (time.perf_counter() - started, run.clock.seconds - compiled))
-        for record, figures in zip(records, validated or []):
+        for record, figures in zip(records, validated):
             record.update(figures)
         records = [record for k, record in enumerate(records) if k not in ended]
-        # The lines go first: an epoch logged but not checkpointed is dropped and redone on resume.
-        for record in records:
+        for record in records:  # the lines first: an epoch logged but not checkpointed is redone on resume
             run.log.append(record)
         run.checkpoints[arm].save(epoch, states)
         if distributed.is_primary():
@@ -295,34 +266,30 @@ class _Progress(tqdm):
 
 
 def train_epoch(exp: Experiment, steps: ArmSteps, states, epoch: int, arm: str, resume: ResumePoint | None = None):
-    """One pass over the training set for every replica, by an arm's ``steps``: (states, metrics on the host,
-    ``steps.new_metrics``' keys; ``diverged_replicas`` reads whether a replica diverged). ``resume`` continues
-    an epoch stopped part-way, which this raises as EpochStopped on a stop request.
-
-    With the training set on the devices (``fused_epoch``) the epoch runs as one compiled loop; otherwise
-    step by step from host memory, with a progress bar. Both run the same step on the same batches."""
+    """One pass over the training set for every replica: (states, metrics on the host). ``resume`` continues an
+    epoch stopped part-way; a stop request raises EpochStopped. With the training set on the devices the epoch
+    is one compiled loop, otherwise step by step with a progress bar: the same step on the same batches."""
     config, count, orders = exp.config, exp.steps_per_epoch(), exp.epoch_orders(epoch)
     done, metrics = (resume.steps_done, resume.metrics) if resume else (0, new_metrics(len(exp.seeds), exp.num_classes))
     states = resume.states if resume else states
     metrics = sharding.place_states(metrics, exp.mesh)
     if steps.train_on_device is not None:
         states, metrics = steps.train_on_device(states, metrics, orders, done)
-    else:
-        progress = _Progress(total=count, initial=done, desc=f"{arm} epoch {epoch}/{config.num_epochs}",
-                             leave=False, disable=None if config.progress and distributed.is_primary() else True,
-                             file=sys.stderr)
-        check_every = 1 if jax.process_count() == 1 else _STOP_CHECK_STEPS
-        in_flight = dispatch.InFlight(config.steps_in_flight)
-        for number, batch in enumerate(exp.train_batches(orders, done), done + 1):
-            states, metrics = steps.train(states, metrics, batch)
-            in_flight.add(metrics["steps"], lambda number=number: f"training of arm '{arm}', epoch {epoch}, step "
-                                                                  f"{number} of {count}")
-            progress.update()
-            if number < count and (number - done) % check_every == 0 and _stop_agreed():
-                progress.close()
-                raise EpochStopped(ResumePoint(epoch - 1, number, states, metrics))
-        progress.close()
-        in_flight.drain()
+        return states, sharding.to_host(metrics)
+    progress = _Progress(total=count, initial=done, desc=f"{arm} epoch {epoch}/{config.num_epochs}", leave=False,
+                         disable=None if config.progress and distributed.is_primary() else True, file=sys.stderr)
+    check_every = 1 if jax.process_count() == 1 else _STOP_CHECK_STEPS
+    in_flight = dispatch.InFlight(config.steps_in_flight)
+    for number, batch in enumerate(exp.train_batches(orders, done), done + 1):
+        states, metrics = steps.train(states, metrics, batch)
+        in_flight.add(metrics["steps"], lambda number=number: f"training of arm '{arm}', epoch {epoch}, step "
+                                                              f"{number} of {count}")
+        progress.update()
+        if number < count and (number - done) % check_every == 0 and _stop_agreed():
+            progress.close()
+            raise EpochStopped(ResumePoint(epoch - 1, number, states, metrics))
+    progress.close()
+    in_flight.drain()
     return states, sharding.to_host(metrics)
 
 
@@ -332,8 +299,7 @@ def diverged_replicas(metrics) -> list[int]:
 
 
 def divergence(exp: Experiment, metrics, arm: str, epoch: int, k: int) -> str:
-    """Why replica ``k`` diverged in this epoch (a non-finite loss or anchor), naming arm, epoch, step, seed
-    and the likely cause."""
+    """Why replica ``k`` diverged: arm, epoch, step, seed and the likely cause."""
     objective = objectives.of_arm(arm)
     if objectives.get(objective).uses_anchor and objectives.anchor_variant(objective, exp.config.variant) == "paper":
         hint = ("the paper variant's anchor softmax(mean z) underflows when the outputs spread apart, and its "
@@ -347,8 +313,8 @@ def divergence(exp: Experiment, metrics, arm: str, epoch: int, k: int) -> str:
 
 
 def _record_divergence(run: _Run, arm: str, epoch: int, metrics, replicas) -> None:
-    """Ends the diverged ``replicas`` of an arm: a line per seed in metrics.jsonl (``workdir.DIVERGED``), which
-    a rerun reads as that seed's end. The arm's other seeds and the other arms go on."""
+    """Ends the diverged ``replicas`` of an arm with a line each in metrics.jsonl (``workdir.DIVERGED``), which a
+    rerun reads as that seed's end; the arm's other seeds and the other arms go on."""
     exp = run.exp
     for k in replicas:
         message = divergence(exp, metrics, arm, epoch, k)
@@ -364,10 +330,9 @@ def _record_divergence(run: _Run, arm: str, epoch: int, metrics, replicas) -> No
 
 def _epoch_records(exp: Experiment, arm: str, epoch: int, metrics, tested: evaluation.Evaluation,
                    seconds: tuple[float, float]) -> list[dict]:
-    """The lines of metrics.jsonl of one epoch, one per seed: its loss and test accuracy (by the objective's
-    own decoding, and by each of ``names.DECODES``), its time and the share of it compiling (``seconds``), the
-    telemetry of its anchors (the cross-entropy arms compute the same batch anchor, unused by their loss, to
-    compare), and its figures by class."""
+    """An epoch's lines of metrics.jsonl, one per seed: loss, test accuracy (by the arm's decoding and by each
+    of ``DECODES``), time and compile time, the anchors' telemetry (the cross-entropy arms compute the batch
+    anchor too, to compare) and the figures by class."""
     sampled, first = np.unique(sampled_steps(exp.steps_per_epoch()), return_index=True)
     objective = objectives.of_arm(arm)
     decode = objectives.get(objective).decode
@@ -392,9 +357,8 @@ def _epoch_records(exp: Experiment, arm: str, epoch: int, metrics, tested: evalu
 
 
 def _class_figures(exp: Experiment, recalls: np.ndarray, anchor: list[float]) -> dict:
-    """An epoch's figures by class: the test accuracy of each class (by the arm's decoding), their mean (the
-    balanced accuracy) and the means over the classes in thirds by training frequency; on an imbalanced
-    training set, also the training prior and its correlation with the epoch's mean anchor."""
+    """Test accuracy per class, their mean (balanced accuracy) and means over the thirds of the classes by
+    training frequency; on an imbalanced training set the prior and its correlation with the mean anchor."""
     figures = {"test_accuracy_per_class": [None if np.isnan(r) else float(r) for r in recalls],
                "test_balanced_accuracy": float(np.nanmean(recalls))}
     for group, classes in longtail.frequency_groups(exp.prior).items():
