@@ -36,7 +36,7 @@ def _run(workdir, *overrides, **kwargs):
 FINISHED_RUN_GROUP = pytest.mark.xdist_group("cli_finished_run")  # its users on one worker: one run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cli") / "run"
     result = _run(workdir, *QUICK)

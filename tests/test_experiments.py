@@ -77,7 +77,7 @@ def test_a_sweep_value_the_paper_lacks_is_refused(stem, arg):
 STANDIN_COUNTS = {"cifar10": (10, 3), "ucf101": (4, 3), "era": (25, 25), "bar": (6, 6)}  # train, test
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def standin_data(tmp_path_factory):
     from test_data import write_cifar_archive
     from test_data_folders import write_image

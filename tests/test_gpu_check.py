@@ -15,7 +15,7 @@ from oat_jax.data import fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PARTS = [part.name for part in gpu_check.plan(True, "")]
-pytestmark = pytest.mark.xdist_group("gpu_check_dry_run")  # one dry run (2 minutes) for the module
+pytestmark = pytest.mark.xdist_group("gpu_check_dry_run")  # one dry run (2 minutes), one worker
 
 
 def _fashion_mnist_found() -> bool:
@@ -28,7 +28,7 @@ def _check(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dry_run(tmp_path_factory):
     """One dry run for the module: (the finished process, the JSON it wrote)."""
     if not _fashion_mnist_found():

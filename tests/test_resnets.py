@@ -102,7 +102,7 @@ def _convert(to_flax, tensors: dict[str, np.ndarray]) -> dict:
     return variables
 
 
-@pytest.fixture(scope="module", params=REFERENCE_CASES)
+@pytest.fixture(scope="session", params=REFERENCE_CASES)
 def reference_case(request):
     reference, model, to_flax, variables = _reference_case(request.param)
     images = np.random.default_rng(2).normal(size=REFERENCE_IMAGES).astype(np.float32)
@@ -234,7 +234,7 @@ def test_wrn28_10_has_no_torchvision_weights():
     assert models.torch_weights("wrn28_10") is None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wrn():
     model = models.create_model("wrn28_10", num_classes=10, dropout_rate=0.3)
     images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)

@@ -67,6 +67,13 @@ def _run_two_processes(workdir, devices_each, extra=((), ()), **overrides):
     return outputs
 
 
+@pytest.fixture(scope="session")
+def one_device(tmp_path_factory):
+    """(workdir, result) of the default run on one device (this process), the reference of several tests."""
+    workdir = tmp_path_factory.mktemp("one_device") / "run"
+    return workdir, sharded_run.run(str(workdir), {})
+
+
 @functools.lru_cache(maxsize=1)
 def _template():
     """The states a run of sharded_run starts from (the stand-in network), to restore checkpoints into."""
@@ -99,16 +106,15 @@ def _assert_same_evaluations(run, reference):
                                        reference["evaluations"][size]["share"][decode], atol=1 / 75 + 1e-9)
 
 
-def test_eight_devices_train_and_evaluate_what_one_device_does(tmp_path):
+def test_eight_devices_train_and_evaluate_what_one_device_does(tmp_path, one_device):
     """(Four devices: the fused, per-device-anchor and two-process tests below, each against one device.)"""
-    one = sharded_run.run(str(tmp_path / "one"), {})
+    one_workdir, one = one_device
     assert one["devices"] == 1
     assert one["evaluations"]["16"]["accuracy"]["uniform"][0] < 90  # not a comparison of two perfect scores
-    for devices in (8,):
-        many = _run(tmp_path / str(devices), devices)
-        assert many["devices"] == devices
-        _assert_same_training(many, one, tmp_path / str(devices), tmp_path / "one")
-        _assert_same_evaluations(many, one)
+    many = _run(tmp_path / "eight", 8)
+    assert many["devices"] == 8
+    _assert_same_training(many, one, tmp_path / "eight", one_workdir)
+    _assert_same_evaluations(many, one)
 
 
 def test_the_fused_epoch_splits_each_batch_over_the_devices_too(tmp_path):
@@ -117,8 +123,8 @@ def test_the_fused_epoch_splits_each_batch_over_the_devices_too(tmp_path):
     _assert_same_training(four, one, tmp_path / "four", tmp_path / "one")
 
 
-def test_two_processes_through_jax_distributed_train_what_one_device_trains(tmp_path):
-    one = sharded_run.run(str(tmp_path / "one"), {})
+def test_two_processes_through_jax_distributed_train_what_one_device_trains(tmp_path, one_device):
+    one_workdir, one = one_device
     # A stop asked of the second process alone, 5 steps into the pre-training: both processes agree on it at
     # step 10, save the epoch part-way and stop; the rerun finishes it as if nothing had happened.
     stopped = _run_two_processes(tmp_path / "two", 2, extra=((), (5,)))
@@ -131,15 +137,15 @@ def test_two_processes_through_jax_distributed_train_what_one_device_trains(tmp_
     first, second = _run_two_processes(tmp_path / "two", 2)
     assert (first["devices"], first["processes"]) == (second["devices"], second["processes"]) == (4, 2)
     assert first["summary"] == second["summary"]
-    _assert_same_training(first, one, tmp_path / "two", tmp_path / "one")
+    _assert_same_training(first, one, tmp_path / "two", one_workdir)
     _assert_same_evaluations(first, one)
     _assert_same_evaluations(second, one)
     # Process 0 alone wrote the record: one line per arm and epoch, as on one device.
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len(lines) == len((one_workdir / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-def test_the_per_device_anchor_is_each_slice_s_own(tmp_path, monkeypatch):
+def test_the_per_device_anchor_is_each_slice_s_own(tmp_path, monkeypatch, one_device):
     """anchor_scope="device" on 4 devices trains what one device trains with each batch cut into 4 groups,
     each with its own anchor (oat.grouped_oat_loss with groups=4, forced here), and not what the global
     anchor trains."""
@@ -151,11 +157,11 @@ def test_the_per_device_anchor_is_each_slice_s_own(tmp_path, monkeypatch):
     _assert_same_training(per_device, groups, tmp_path / "per_device", tmp_path / "groups")
     # On one device the option changes nothing: one group, the global batch's anchor.
     assert sharding.anchor_groups(sharded_run.config_of({"anchor_scope": "device"}), None) == 1
-    sharded_run.run(str(tmp_path / "global"), {})
-    oat_differences = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "global")),
+    global_anchor = one_device[0]
+    oat_differences = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(_final_params(global_anchor)),
                                                                jax.tree.leaves(_final_params(tmp_path / "per_device")))]
     assert max(oat_differences) > 1e-3  # the option changes OAT training (10x the tolerance above) ...
-    for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "global", "ce")),  # ... and not cross-entropy's
+    for a, b in zip(jax.tree.leaves(_final_params(global_anchor, "ce")),  # ... and not cross-entropy's
                     jax.tree.leaves(_final_params(tmp_path / "per_device", "ce"))):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 

@@ -22,7 +22,7 @@ def _tiny(dropout_rate: float = 0.0) -> vit.VisionTransformer:
     return vit.VisionTransformer(num_classes=5, dropout_rate=dropout_rate, **TINY)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny():
     """(model, variables, images) of the tiny ViT on 32x32 images: 16 patches + the class token. The variables
     are random draws of init's shapes: a real init compiles a sampler per shape, which takes seconds."""
@@ -146,7 +146,7 @@ def _torch_references():
     return torch_references
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference():
     """The tiny ViT's architecture in plain torch.nn with random weights, in eval mode, for 32x32 images."""
     references = _torch_references()

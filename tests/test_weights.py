@@ -53,7 +53,7 @@ def test_round_trip_keeps_every_tensor_and_the_new_head(name, suffix, tmp_path):
     np.testing.assert_array_equal(outputs, apply(original, IMAGES))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def resnet18_tensors(tmp_path_factory):
     """resnet18's torch-named tensors (10-class head) and a fresh 10-class initialisation to load them into."""
     model = models.create_model("resnet18", num_classes=10)
