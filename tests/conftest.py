@@ -1,7 +1,15 @@
 """Shared test fixtures: a tiny learnable synthetic dataset and a tiny stand-in network, registered under
 names only tests use; and one XLA compilation cache for the whole test session."""
+import io
+import json
 import os
+import pathlib
+import pickle
 import shutil
+import socket
+import subprocess
+import sys
+import tarfile
 import tempfile
 
 # Many tests compile the same steps again, in this process after jax.clear_caches() and in the command
@@ -26,9 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from oat_jax import data, models  # noqa: E402
-from oat_jax.data import fashion_mnist, locations  # noqa: E402
+from oat_jax.data import cifar10, fashion_mnist, locations, ucf101  # noqa: E402
 
 
 def cpu_devices_environment(devices: int, **extra: str) -> dict:
@@ -193,6 +202,121 @@ def compiled_apply(name: str, num_classes: int, train: bool = False):
     if train:
         return jax.jit(lambda variables, images: model.apply(variables, images, train=True, mutable=["batch_stats"]))
     return jax.jit(model.apply)
+
+
+# ------------------------------------------------------------------ dataset files in their published formats
+
+def cifar_batch(n: int, first_label: int) -> dict:
+    """A batch in the published format: pixel value = (row*7 + position) % 256."""
+    data = (np.arange(n)[:, None] * 7 + np.arange(3072)[None, :]) % 256
+    labels = [(first_label + i) % 10 for i in range(n)]
+    return {b"batch_label": b"x", b"data": data.astype(np.uint8), b"labels": labels}
+
+
+CIFAR_SIZES = {name: 2 for name in cifar10.TRAIN_BATCHES} | {cifar10.TEST_BATCH: 3}
+
+
+def cifar_blobs() -> dict[str, bytes]:
+    return {
+        name: pickle.dumps(cifar_batch(n, first_label=i), protocol=2)
+        for i, (name, n) in enumerate(CIFAR_SIZES.items())
+    }
+
+
+def write_cifar_archive(path, blobs=None):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in (blobs or cifar_blobs()).items():
+            info = tarfile.TarInfo(f"{cifar10.FOLDER}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def write_image(path, size=(20, 30), mode="RGB", seed=0, fmt=None):
+    """A noise image of (height, width) ``size``; PNG unless the suffix says otherwise."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": (), "RGB": (3,), "RGBA": (4,)}[mode if mode != "P" else "L"]
+    pixels = rng.integers(0, 256, size + channels, dtype=np.uint8)
+    image = Image.fromarray(pixels, "L" if mode == "P" else mode)
+    if mode == "P":
+        image = image.convert("P")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups"]
+# (list path, split); the video written for entry k shows COLOURS[k] in its middle frame.
+VIDEOS = [
+    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "train"),
+    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi", "train"),
+    ("Archery/v_Archery_g01_c01.avi", "train"),
+    ("HandstandPushups/v_HandstandPushups_g01_c01.avi", "train"),
+    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "test"),
+    ("Archery/v_Archery_g08_c01.avi", "test"),
+    ("HandstandPushups/v_HandstandPushups_g08_c01.avi", "test"),
+]
+FRAMES = 5  # middle frame: index 2
+
+
+def frames_for(k: int) -> list:
+    """Five frame colours whose middle one (index 2) is COLOURS[k]."""
+    return [COLOURS[(k - 2 + j) % len(COLOURS)] for j in range(FRAMES)]
+
+
+def write_official(root, videos=VIDEOS):
+    """UCF-101/<Class>/<video>.avi plus ucfTrainTestlist/ for ``videos``; returns root."""
+    lists = root / ucf101.LISTS
+    lists.mkdir(parents=True)
+    (lists / ucf101.CLASS_INDEX).write_text("".join(f"{i} {c}\n" for i, c in enumerate(CLASSES, start=1)))
+    lines = {"train": [], "test": []}
+    for k, (relative, split) in enumerate(videos):
+        on_disk = relative.replace("v_Handstand", "v_HandStand")  # capitalisation differs, as in some copies
+        write_video(root / ucf101.VIDEOS / on_disk, frames_for(k), size=(24, 32))
+        label = CLASSES.index(relative.split("/")[0]) + 1
+        lines[split].append(f"{relative} {label}" if split == "train" else relative)
+    for split, name in ucf101.SPLIT_LISTS.items():
+        (lists / name).write_text("\r\n".join(lines[split]) + "\r\n")  # the published lists have CRLF lines
+    return root
+
+
+# ------------------------------------------------------------------ runs of tests/sharded_run.py in subprocesses
+
+def sharded_run_command(workdir, overrides, *extra):
+    return [sys.executable, str(pathlib.Path(__file__).resolve().parent / "sharded_run.py"), str(workdir), json.dumps(overrides), *map(str, extra)]
+
+
+def sharded_run_result(returncode, stdout, stderr):
+    assert returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes(workdir, devices_each, extra=((), ()), **overrides):
+    """The same run as two processes of ``devices_each`` devices, joined through jax.distributed on loopback
+    (coordinator, count and id from the environment); ``extra`` = each one's further arguments."""
+    port = _free_port()
+    processes = []
+    for rank in range(2):
+        env = cpu_devices_environment(devices_each, OAT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OAT_NUM_PROCESSES="2",
+                           OAT_PROCESS_ID=str(rank))
+        processes.append(subprocess.Popen(sharded_run_command(workdir, overrides, *extra[rank]), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=env))
+    outputs = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=600)
+        finally:
+            for other in processes:
+                if other.poll() is None and process.returncode != 0:
+                    other.kill()
+        outputs.append(sharded_run_result(process.returncode, stdout, stderr))
+    return outputs
 
 
 # ------------------------------------------------------------------ the slow tier

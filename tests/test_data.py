@@ -7,12 +7,10 @@ only by one test, skipped where it is absent); nothing touches the network.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ from oat_jax.data import (
     tfds_source,
 )
 from oat_jax.data.idx import read_idx
+from conftest import cifar_blobs, write_cifar_archive
 
 # Captured before the autouse fixture hides it, for the real-data test.
 DEBIAN_DIR = fashion_mnist.DEFAULT_DIR
@@ -79,32 +78,6 @@ def write_fashion(folder, arrays, gz=(True, False, True, False)):
     for name, array, compress in zip(fashion_mnist.FILES.values(), arrays, gz):
         write_idx(folder / (name + (".gz" if compress else "")), array, compress)
     return folder
-
-
-def cifar_batch(n: int, first_label: int) -> dict:
-    """A batch in the published format: pixel value = (row*7 + position) % 256."""
-    data = (np.arange(n)[:, None] * 7 + np.arange(3072)[None, :]) % 256
-    labels = [(first_label + i) % 10 for i in range(n)]
-    return {b"batch_label": b"x", b"data": data.astype(np.uint8), b"labels": labels}
-
-
-CIFAR_SIZES = {name: 2 for name in cifar10.TRAIN_BATCHES} | {cifar10.TEST_BATCH: 3}
-
-
-def cifar_blobs() -> dict[str, bytes]:
-    return {
-        name: pickle.dumps(cifar_batch(n, first_label=i), protocol=2)
-        for i, (name, n) in enumerate(CIFAR_SIZES.items())
-    }
-
-
-def write_cifar_archive(path, blobs=None):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, blob in (blobs or cifar_blobs()).items():
-            info = tarfile.TarInfo(f"{cifar10.FOLDER}/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
 
 
 def write_cifar_folder(parent):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from oat_jax.data import DatasetError, DatasetUnavailable, cache, image_folder, load_dataset, locations
 from oat_jax.data.video import read_middle_frame
-from conftest import COLOURS, colour_index, write_video
+from conftest import COLOURS, colour_index, write_image, write_video
 
 pytestmark = pytest.mark.usefixtures("isolated_data")  # only this test's data and cache are visible
 
@@ -25,19 +25,6 @@ pytestmark = pytest.mark.usefixtures("isolated_data")  # only this test's data a
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def write_image(path, size=(20, 30), mode="RGB", seed=0, fmt=None):
-    """A noise image of (height, width) ``size``; PNG unless the suffix says otherwise."""
-    rng = np.random.default_rng(seed)
-    channels = {"L": (), "RGB": (3,), "RGBA": (4,)}[mode if mode != "P" else "L"]
-    pixels = rng.integers(0, 256, size + channels, dtype=np.uint8)
-    image = Image.fromarray(pixels, "L" if mode == "P" else mode)
-    if mode == "P":
-        image = image.convert("P")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=fmt)
-    return path
 
 
 

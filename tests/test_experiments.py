@@ -7,6 +7,7 @@ import pytest
 from oat_jax import train
 from oat_jax.config_schema import validate_config
 from oat_jax.paper_figures import FIGURES
+from conftest import write_cifar_archive, write_image, write_official
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / "configs"
 SWEEPS = {"table1_learning_rate": ["0.01", "0.001", "0.0001"], "table2_batch_size": ["32", "64", "128"],
@@ -79,9 +80,6 @@ STANDIN_COUNTS = {"cifar10": (10, 3), "ucf101": (4, 3), "era": (25, 25), "bar": 
 
 @pytest.fixture(scope="session")
 def standin_data(tmp_path_factory):
-    from test_data import write_cifar_archive
-    from test_data_folders import write_image
-    from test_ucf101 import write_official
 
     root = tmp_path_factory.mktemp("standins")
     (root / "cifar10").mkdir()

@@ -90,3 +90,14 @@ def test_the_watchdog_watches_with_a_thread_of_its_own_only_while_running():
     assert not watching() and not watchdog.timeout
     with watchdog.waiting(lambda: "a step"):  # outside a run: nothing watches
         assert not watching()
+
+
+def test_no_test_module_imports_another():
+    """Helpers shared by test modules live in conftest.py (or, for the PyTorch references, a module of no tests)."""
+    importers = set()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            importers.update({(path.name, name) for name in names if name.split(".")[0].startswith("test_")})
+    assert not importers

@@ -5,7 +5,6 @@ tests take shapes from ``jax.eval_shape`` and fill them with numpy random values
 import copy
 import functools
 import json
-import math
 import pathlib
 
 import jax

@@ -5,66 +5,24 @@ float tolerance, since the anchor stays the centre of the global batch; the same
 unsplittable test batches; the fused epoch too. The per-device anchor option; and checkpoints saved across
 devices or processes, restored onto one device."""
 import functools
-import json
-import pathlib
-import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 import sharded_run
-from conftest import cpu_devices_environment
+from conftest import cpu_devices_environment, run_two_processes, sharded_run_command, sharded_run_result
 from oat_jax import sharding
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.experiment import Experiment
 
-TESTS = pathlib.Path(__file__).resolve().parent
-
-
-def _command(workdir, overrides, *extra):
-    return [sys.executable, str(TESTS / "sharded_run.py"), str(workdir), json.dumps(overrides), *map(str, extra)]
-
-
-def _result(returncode, stdout, stderr):
-    assert returncode == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _run(workdir, devices, **overrides):
-    result = subprocess.run(_command(workdir, overrides), capture_output=True, text=True, timeout=600,
+    result = subprocess.run(sharded_run_command(workdir, overrides), capture_output=True, text=True, timeout=600,
                             env=cpu_devices_environment(devices))
-    return _result(result.returncode, result.stdout, result.stderr)
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _run_two_processes(workdir, devices_each, extra=((), ()), **overrides):
-    """The same run as two processes of ``devices_each`` devices, joined through jax.distributed on loopback
-    (coordinator, count and id from the environment); ``extra`` = each one's further arguments."""
-    port = _free_port()
-    processes = []
-    for rank in range(2):
-        env = cpu_devices_environment(devices_each, OAT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", OAT_NUM_PROCESSES="2",
-                           OAT_PROCESS_ID=str(rank))
-        processes.append(subprocess.Popen(_command(workdir, overrides, *extra[rank]), stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, env=env))
-    outputs = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=600)
-        finally:
-            for other in processes:
-                if other.poll() is None and process.returncode != 0:
-                    other.kill()
-        outputs.append(_result(process.returncode, stdout, stderr))
-    return outputs
+    return sharded_run_result(result.returncode, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="session")
@@ -127,14 +85,14 @@ def test_two_processes_through_jax_distributed_train_what_one_device_trains(tmp_
     one_workdir, one = one_device
     # A stop asked of the second process alone, 5 steps into the pre-training: both processes agree on it at
     # step 10, save the epoch part-way and stop; the rerun finishes it as if nothing had happened.
-    stopped = _run_two_processes(tmp_path / "two", 2, extra=((), (5,)))
+    stopped = run_two_processes(tmp_path / "two", 2, extra=((), (5,)))
     assert stopped == [{"stopped": True}] * 2
     saved = ArmCheckpoints(str(tmp_path / "two"), "pretrain")
     # The branch point (epoch 0) and 10 steps into epoch 1, each named by its optimiser step.
     assert [saved._point(step) for step in sorted(saved._manager.all_steps())] == [(0, None), (1, 10)]
     saved.close()
     assert (tmp_path / "two" / "checkpoints" / "pretrain" / "10" / "progress").is_dir()
-    first, second = _run_two_processes(tmp_path / "two", 2)
+    first, second = run_two_processes(tmp_path / "two", 2)
     assert (first["devices"], first["processes"]) == (second["devices"], second["processes"]) == (4, 2)
     assert first["summary"] == second["summary"]
     _assert_same_training(first, one, tmp_path / "two", one_workdir)

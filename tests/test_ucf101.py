@@ -15,44 +15,9 @@ import pytest
 from PIL import Image
 
 from oat_jax.data import DatasetError, DatasetUnavailable, load_dataset, locations, tfds_source, tfds_video, ucf101
-from conftest import COLOURS, colour_index, write_video
+from conftest import COLOURS, VIDEOS, colour_index, frames_for, write_official
 
 pytestmark = pytest.mark.usefixtures("isolated_data")  # only this test's data and cache are visible
-
-CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups"]
-# (list path, split); the video written for entry k shows COLOURS[k] in its middle frame.
-VIDEOS = [
-    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "train"),
-    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi", "train"),
-    ("Archery/v_Archery_g01_c01.avi", "train"),
-    ("HandstandPushups/v_HandstandPushups_g01_c01.avi", "train"),
-    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "test"),
-    ("Archery/v_Archery_g08_c01.avi", "test"),
-    ("HandstandPushups/v_HandstandPushups_g08_c01.avi", "test"),
-]
-FRAMES = 5  # middle frame: index 2
-
-
-def frames_for(k: int) -> list:
-    """Five frame colours whose middle one (index 2) is COLOURS[k]."""
-    return [COLOURS[(k - 2 + j) % len(COLOURS)] for j in range(FRAMES)]
-
-
-def write_official(root, videos=VIDEOS):
-    """UCF-101/<Class>/<video>.avi plus ucfTrainTestlist/ for ``videos``; returns root."""
-    lists = root / ucf101.LISTS
-    lists.mkdir(parents=True)
-    (lists / ucf101.CLASS_INDEX).write_text("".join(f"{i} {c}\n" for i, c in enumerate(CLASSES, start=1)))
-    lines = {"train": [], "test": []}
-    for k, (relative, split) in enumerate(videos):
-        on_disk = relative.replace("v_Handstand", "v_HandStand")  # capitalisation differs, as in some copies
-        write_video(root / ucf101.VIDEOS / on_disk, frames_for(k), size=(24, 32))
-        label = CLASSES.index(relative.split("/")[0]) + 1
-        lines[split].append(f"{relative} {label}" if split == "train" else relative)
-    for split, name in ucf101.SPLIT_LISTS.items():
-        (lists / name).write_text("\r\n".join(lines[split]) + "\r\n")  # the published lists have CRLF lines
-    return root
-
 
 def check_official(ds, image_size):
     assert ds.name == "ucf101" and ds.num_classes == 3

@@ -12,6 +12,7 @@ import pytest
 from oat_jax import experiment, train, workdir as workdir_lib
 from oat_jax.data import fashion_mnist
 from oat_jax.workdir import WorkdirBusy, WorkdirMismatch, hold_lock
+from conftest import run_two_processes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _HOLDER = ("import sys, time; from oat_jax.workdir import hold_lock\n"
@@ -91,9 +92,8 @@ def test_a_run_that_trained_there_between_the_check_and_the_lock_is_still_refuse
 
 def test_the_processes_of_a_run_all_stop_when_process_0_finds_the_workdir_busy(tmp_path, holder, monkeypatch):
     """Only process 0 takes the lock (the others share the workdir by design); none is left waiting for it."""
-    from test_sharding import _run_two_processes
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout's oat_jax, whatever is installed
-    first, second = _run_two_processes(tmp_path / "run", 1)
+    first, second = run_two_processes(tmp_path / "run", 1)
     assert first["error"].startswith(f"WorkdirBusy: workdir {tmp_path / 'run'} is in use by another run "
                                      f"(process {holder.pid} on host ")
     assert second["error"] == f"WorkdirBusy: workdir {tmp_path / 'run'} was refused by process 0 (its error says why)"
