@@ -60,7 +60,8 @@ class StallWatchdog:
         try:
             yield
         finally:
-            self._since = None
+            with self._lock:
+                self._since = None
 
     def _watch(self):
         while not self._done.wait(min(1.0, self.timeout / 4 or 1.0)):

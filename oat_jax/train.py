@@ -74,7 +74,8 @@ class CompileClock:
         self.seconds = 0.0
 
     def _count(self, event: str, seconds: float, **_) -> None:
-        self.seconds += seconds if event in self.EVENTS else 0.0
+        if event in self.EVENTS:
+            self.seconds += seconds
 
     def __enter__(self) -> CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._count)
