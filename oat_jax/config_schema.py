@@ -5,6 +5,7 @@ in a field name is caught here instead of being silently ignored.
 """
 from __future__ import annotations
 
+import ast
 import math
 import re
 
@@ -141,6 +142,22 @@ def _not_finite(name: str, value: float, default) -> str:
     convention = re.search(r"\((0 = [^)]*)\)", meaning)
     return (f"{name} must be a finite number, got {value}; pass a finite value, e.g. the default "
             f"--config.{name}={default}" + (f" ({convention.group(1)})" if convention else ""))
+
+
+def unknown_field(error: BaseException) -> str:
+    """The field an override names that the config lacks, as one plain line: absl raises an AttributeError
+    around the repr of a KeyError's message (perhaps twice over), which may add ml_collections' "Did you mean"."""
+    text = str(error.args[0] if error.args else error)
+    for _ in range(3):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            break
+        if not isinstance(value, str):
+            break
+        text = value
+    return "; ".join(
+        line.strip() for line in text.splitlines() if line.strip())
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -5,7 +5,6 @@ prints their test accuracies beside the paper's figure. ``--config.<field>=<valu
 """
 from __future__ import annotations
 
-import ast
 import errno
 import os
 import signal
@@ -35,7 +34,7 @@ from oat_jax.disk_full import WorkdirFull  # noqa: E402
 from oat_jax.models.weights import WeightsError  # noqa: E402
 from oat_jax.names import CE, OAT  # noqa: E402
 from oat_jax.sharding import ShardingError  # noqa: E402
-from oat_jax.config_schema import ConfigError, validate_config  # noqa: E402
+from oat_jax.config_schema import ConfigError, unknown_field, validate_config  # noqa: E402
 from oat_jax.train import (StoppedBeforeTraining, TrainingDiverged, request_stop, stop_requested,  # noqa: E402
                            train_and_evaluate)
 from oat_jax.workdir import WorkdirBusy, WorkdirMismatch  # noqa: E402
@@ -49,20 +48,6 @@ _ARM_NAMES = {CE: "cross-entropy", OAT: "OAT"}  # other arms go by their objecti
 def _fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def _one_line(message) -> str:
-    """A message that reached us as the repr of a string (a KeyError's, perhaps twice over) as one plain line."""
-    text = str(message)
-    for _ in range(3):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            break
-        if not isinstance(value, str):
-            break
-        text = value
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _print_help() -> None:
@@ -127,7 +112,7 @@ def _parse_flags(argv):
             message = f"{lines[0].rstrip(':')}: {lines[-1]}"
         _fail(message)
     except (AttributeError, KeyError) as e:  # an override naming a field the config does not have
-        _fail("unknown config field in a --config.<field> override: " + _one_line(e.args[0] if e.args else e))
+        _fail(f"unknown config field in a --config.<field> override: {unknown_field(e)}")
     except (TypeError, ValueError) as e:
         _fail(f"bad --config override: {e}")
     except Exception as e:  # the config file's own code raised (absl passes on all but ValueError)

@@ -274,14 +274,17 @@ def _decodings(cells: list[Cell]) -> list[str]:
 _CONTROLS = ("oat_uniform", "square", "ce_smooth", "oat_prior", "ce_logit_adjusted")
 
 
+def _pairs(arms) -> list[tuple[str, str]]:
+    return ([(arm, CE) for arm in arms if CE in arms and arm != CE]
+            + [(OAT, control) for control in _CONTROLS if OAT in arms and control in arms])
+
+
 def paired_results(cell: Cell) -> list[tuple[str, str, dict, list[float]]]:
     """A row's comparisons, each arm against cross-entropy and then OAT against each of its controls:
     (arm, reference, ``paired_comparison``, the per-seed differences) for the pairs that share seeds."""
     arms = cell.accuracies
-    pairs = ([(arm, CE) for arm in arms if CE in arms and arm != CE]
-             + [(OAT, control) for control in _CONTROLS if OAT in arms and control in arms])
     results = []
-    for arm, reference in pairs:
+    for arm, reference in _pairs(arms):
         ours, theirs = arms[arm], arms[reference]
         comparison = paired_comparison(ours, theirs)
         if comparison is not None:
@@ -480,6 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     for line in skipped:  # runs/* may hold an unfinished run: report the others
         print(f"note: skipping {line}", file=sys.stderr)
     cells = collect(runs, tuple(selection["grid"]) if selection else ())
+    compared = {pair for cell in cells for pair in _pairs(cell.accuracies)}
+    missing = [f"{arm}-{reference}" for arm, reference in contrasts or [] if (arm, reference) not in compared]
+    if missing:  # a misspelt contrast would silently leave the family, and Holm would adjust over fewer
+        print(f"error: --contrasts {','.join(missing)}: no row of these runs makes that comparison; they compare "
+              f"{', '.join(sorted(f'{arm}-{reference}' for arm, reference in compared)) or 'nothing'}",
+              file=sys.stderr)
+        return 2
     text = format_markdown(cells, Comparing(select, contrasts, args.margin, metric))
     if args.by_epoch:
         try:

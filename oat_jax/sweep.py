@@ -108,7 +108,7 @@ def _load_config(config_file: str, overrides: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    from oat_jax.config_schema import ConfigError, validate_config
+    from oat_jax.config_schema import ConfigError, unknown_field, validate_config
     if not os.path.isfile(config_file.split(":", 1)[0]):
         raise SweepError(f"config file not found: {config_file}")
     argv = ["sweep", f"--config={config_file}", *overrides]
@@ -119,6 +119,8 @@ def _load_config(config_file: str, overrides: list[str]):
         validate_config(values.config)
     except ConfigError as e:
         raise SweepError(str(e)) from None
+    except (AttributeError, KeyError) as e:  # a --grid field, or an override's, that the config lacks
+        raise SweepError(f"unknown config field in --grid or a --config.<field> override: {unknown_field(e)}") from None
     except Exception as e:  # noqa: BLE001 - absl and the config file raise many kinds; one line for each
         message = " ".join(str(e).split())
         raise SweepError(f"cannot read {config_file} with {' '.join(overrides) or 'no overrides'}: "

@@ -325,6 +325,17 @@ def _validated_run(path, ce, oat, selected_ce, selected_oat):
     return run
 
 
+def test_a_contrast_no_row_makes_is_refused_in_one_line(tmp_path, capsys):
+    # Misspelt or reversed, it would otherwise leave the family silently, and Holm would adjust over fewer.
+    run = _validated_run(tmp_path / "v", [70.0, 71.0], [70.5, 71.0], [71.0, 72.0], [73.0, 73.5])
+    for contrasts in ("oat-ce,oat-ce_smoth", "ce-oat"):
+        assert report.main([str(run), "--contrasts", contrasts]) == 2
+        captured = capsys.readouterr()
+        assert not captured.out and captured.err.count("\n") == 1
+        named = contrasts.split(",")[-1]  # the offending one alone
+        assert captured.err.startswith(f"error: --contrasts {named}: no row") and "oat-ce" in captured.err
+
+
 def test_the_report_compares_under_the_validation_rule_and_says_so(tmp_path, capsys):
     run = _validated_run(tmp_path / "v", [70.0, 71.0, 72.0], [70.5, 71.0, 73.0], [71.0, 72.0, 73.0],
                          [73.0, 73.5, 75.0])

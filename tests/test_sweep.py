@@ -144,6 +144,15 @@ def test_a_sweep_without_validation_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_grid_field_the_config_lacks_is_named_in_one_line():
+    config = os.path.join(REPO, "configs", "default.py")
+    for field, named in (("lr", ": lr"), ("lerning_rate", 'Did you mean "learning_rate"')):
+        with pytest.raises(sweep.SweepError) as refused:
+            sweep._load_config(config, [f"--config.{field}=0.01", "--config.seed=1"])
+        message = str(refused.value)
+        assert message.startswith("unknown config field in --grid") and named in message and "\n" not in message
+
+
 def test_one_point_beyond_an_edge_where_a_choice_sits():
     grid = {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}
     selection = {"arms": {"a": {"chosen": {"learning_rate": 3e-2}}, "b": {"chosen": {"learning_rate": 3e-3}},
