@@ -26,11 +26,14 @@ from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
 from oat_jax.names import CE, OAT, PRETRAIN
 from oat_jax.workdir import METRICS_FILE, WorkdirError, read_config, read_json, read_records, replacing
 
+# One colour and one name per objective (oat_jax.objectives), each its own, so that no two arms look alike.
 COLOURS = {PRETRAIN: "0.3", CE: "tab:blue", OAT: "tab:orange", "oat_paper": "tab:red",
-           "oat_uniform": "tab:green", "square": "tab:purple", "ce_smooth": "tab:brown"}
+           "oat_uniform": "tab:green", "square": "tab:purple", "ce_smooth": "tab:brown",
+           "ce_logit_adjusted": "tab:pink", "oat_prior": "tab:olive"}
 NAMES = {PRETRAIN: "cross-entropy pre-training", CE: "cross-entropy", OAT: "OAT",
          "oat_paper": "OAT, paper's anchor", "oat_uniform": "OAT, uniform anchor", "square": "square loss",
-         "ce_smooth": "cross-entropy, smoothed labels"}
+         "ce_smooth": "cross-entropy, smoothed labels", "ce_logit_adjusted": "cross-entropy, logit-adjusted",
+         "oat_prior": "OAT, anchor fixed at softmax(π)"}
 _STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 9,
           "legend.framealpha": 0.9}
 
@@ -404,14 +407,15 @@ def anchor_prior_figure(run: Run) -> Figure:
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
     classes = np.arange(len(prior))
     left.bar(classes, prior, color="0.85", label="training prior π")
-    softmax = np.exp(prior) / np.exp(prior).sum()
-    left.plot(classes, softmax, "k--", linewidth=1, label="softmax(π) (oat_prior's anchor)")
     arm = OAT if any(r["arm"] == OAT for r in records) else records[-1]["arm"]
     own = sorted((r for r in records if r["arm"] == arm and r["seed"] == records[0]["seed"]), key=lambda r: r["epoch"])
     picks = {own[0]["epoch"]: own[0], own[len(own) // 2]["epoch"]: own[len(own) // 2], own[-1]["epoch"]: own[-1]}
     for shade, (epoch, record) in zip((0.3, 0.6, 1.0), picks.items()):
         left.plot(classes, record["anchor"], "o-", color=COLOURS.get(arm, "C1"), alpha=shade, markersize=4,
                   label=f"{NAMES.get(arm, arm)} mean anchor, epoch {epoch}")
+    # Drawn over the anchors, which can lie on it: the released anchor is softmax of the mean softmax output.
+    softmax = np.exp(prior) / np.exp(prior).sum()
+    left.plot(classes, softmax, "k--", linewidth=1.2, zorder=4, label="softmax(π) (oat_prior's anchor)")
     left.axhline(1 / len(prior), color="0.5", linewidth=0.8, linestyle=":", label="uniform 1/C")
     left.set_xticks(classes)
     left.set_xlabel("class (label order: most to least frequent)")

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import SYNTHETIC
-from oat_jax import eval_batch_sizes, evaluation, plots, report, train
+from oat_jax import eval_batch_sizes, evaluation, objectives, plots, report, train
 from oat_jax.checkpoints import ArmCheckpoints
 from oat_jax.experiment import Experiment
+from oat_jax.names import PRETRAIN
 
 FIGURES = ("accuracy.png", "anchor_heatmap.png", "anchor_entropy.png", "prediction_share.png",
            "anchor_range.png", "eval_batch_size.png")
@@ -160,6 +161,13 @@ def test_the_accuracy_figure_draws_every_arm_from_the_pretraining(tmp_path):
     # The pre-training's epoch 1 (60 %), then the arm's epochs 2 and 3 (70 %, 80 %), as logged.
     np.testing.assert_array_equal(lines["square loss"].get_xdata(), [1, 2, 3])
     np.testing.assert_array_equal(lines["square loss"].get_ydata(), [60.0, 70.0, 80.0])
+
+
+def test_every_objective_has_a_colour_and_a_name_of_its_own():
+    # An arm missing from the tables took a fallback colour another arm already had (two green lines).
+    arms = [PRETRAIN, *objectives.names()]
+    assert set(arms) <= set(plots.COLOURS) and set(arms) <= set(plots.NAMES)
+    assert len({plots.COLOURS[arm] for arm in arms}) == len({plots.NAMES[arm] for arm in arms}) == len(arms)
 
 
 def test_the_anchor_range_axes_show_plain_values(tmp_path):
