@@ -517,14 +517,14 @@ def sweep_figure(selection: dict) -> Figure:
     lowest = min((p["validation_accuracy"] for choice in selection["arms"].values() for p in choice["points"]
                   if not p["diverged"]), default=0.0)
     for number, (arm, choice) in enumerate(selection["arms"].items()):
-        colour = f"C{number}"
+        colour = COLOURS.get(arm, f"C{number}")
         by_rate: dict[float, list] = {}
         for point in choice["points"]:
             by_rate.setdefault(point["setting"]["learning_rate"], []).append(point)
         rates = sorted(by_rate)
         good = [rate for rate in rates if not any(p["diverged"] for p in by_rate[rate])]
         means = [float(np.mean([p["validation_accuracy"] for p in by_rate[rate]])) for rate in good]
-        ax.plot(good, means, "o-", color=colour, label=arm)
+        ax.plot(good, means, "o-", color=colour, label=NAMES.get(arm, arm))
         bad = [rate for rate in rates if rate not in good]
         ax.plot(bad, [lowest] * len(bad), "x", color=colour, markersize=9, mew=2)
         if choice["chosen"] is not None and choice["chosen"].get("learning_rate") in good:
@@ -532,7 +532,7 @@ def sweep_figure(selection: dict) -> Figure:
             ax.plot([rate], [means[good.index(rate)]], "o", ms=14, mfc="none", mec=colour, mew=1.5)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (both phases)")
-    ax.set_ylabel("validation accuracy (%) at the selected epoch")
+    ax.set_ylabel(f"{selection.get('score', 'validation accuracy')} (%) at the selected epoch")
     ax.set_title("The sweep: each arm's choice ringed; × = diverged (drawn at the lowest accuracy)")
     ax.legend()
     return fig

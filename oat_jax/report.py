@@ -386,9 +386,10 @@ def sweep_section(selection: dict, cells: list[Cell]) -> str:
     """The sweep's choices: per arm its chosen setting, the validation accuracy and epoch it was chosen at,
     how many grid points it was given and whether the choice lies at the grid's edge; and the mean epoch
     the confirming seeds selected."""
+    score = selection.get("score", "validation accuracy")  # sweeps before the balanced score named none
     lines = ["", "## The sweep's choices", "",
-             f"Chosen on validation accuracy only: {selection['rule']}.", "",
-             "| arm | chosen | validation accuracy | its selected epoch | grid points (diverged) | at the edge | "
+             f"Chosen on {score} only: {selection['rule']}.", "",
+             f"| arm | chosen | {score} | its selected epoch | grid points (diverged) | at the edge | "
              "confirming seeds' mean selected epoch |", "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for arm, choice in selection["arms"].items():
         points = choice["points"]

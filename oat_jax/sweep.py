@@ -280,7 +280,12 @@ def _point_results(job: Job, setting: dict, seed: int) -> dict[str, dict]:
         results[arm] = _entry(job, setting, seed, diverged=False,
                               validation_accuracy=statistics.fmean(s["selected_val_accuracy"] for s in seeds),
                               selected_epoch=seeds[0]["selected_epoch"])
+        results[arm]["selected_on"] = seeds[0].get("selected_on", "val_accuracy")
     return results
+
+
+# What the stopping rule (and so the choice) read: the balanced figure where the training set is imbalanced.
+SCORES = {"val_accuracy": "validation accuracy", "val_balanced_accuracy": "balanced validation accuracy"}
 
 
 def _entry(job: Job, setting: dict, seed: int, diverged: bool, validation_accuracy=None, selected_epoch=None):
@@ -324,10 +329,11 @@ def write_selection(folder: str, jobs: list[Job], grid: dict[str, list]) -> dict
             continue
         for arm, entry in _point_results(job, job.setting, job.seed).items():
             entries.setdefault(arm, []).append(entry)
-    selection = {"rule": f"highest validation accuracy at the validation-selected epoch; within {TIE_POINTS} "
-                         "points the lower learning rate; a diverged point is never chosen; the test set is "
-                         "not read",
-                 "grid": grid, "complete": not unfinished, "unfinished": unfinished,
+    read = sorted({entry["selected_on"] for group in entries.values() for entry in group if "selected_on" in entry})
+    score = " / ".join(SCORES.get(field, field) for field in read) or SCORES["val_accuracy"]
+    selection = {"rule": f"highest {score} at the validation-selected epoch; within {TIE_POINTS} points the "
+                         "lower learning rate; a diverged point is never chosen; the test set is not read",
+                 "score": score, "grid": grid, "complete": not unfinished, "unfinished": unfinished,
                  "arms": {arm: choose(arm_entries, grid) for arm, arm_entries in entries.items()}}
     workdir_lib.write_json(os.path.join(folder, SELECTION_FILE), selection)
     return selection
@@ -503,7 +509,7 @@ def main(argv: list[str]) -> int:
         return 130
     for arm, choice in selection["arms"].items():
         chosen = "none (diverged everywhere)" if choice["chosen"] is None else (
-            f"{setting_name(choice['chosen'])}, validation {choice['validation_accuracy']:.2f}%"
+            f"{setting_name(choice['chosen'])}, {selection['score']} {choice['validation_accuracy']:.2f}%"
             + (" (at the grid's edge)" if choice["at_edge"] else ""))
         print(f"{arm:<15} {chosen}")
     if not selection["complete"]:

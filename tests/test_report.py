@@ -376,6 +376,12 @@ def test_the_sweep_section_lists_each_arms_choice(tmp_path, capsys):
     assert "| ce | learning_rate=0.01 | 85.00 | 33 | 3 (1) | no | 40.0 |" in out
     assert "| oat | none: diverged everywhere | – | – | 1 (1) | – | – |" in out
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Chosen on validation accuracy only" in out  # a selection.json from before it named its score
+    selection["score"] = "balanced validation accuracy"  # an imbalanced training set's stopping rule
+    (tmp_path / "sweep" / "selection.json").write_text(json.dumps(selection))
+    assert report.main([str(run), "--sweep", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out
+    assert "Chosen on balanced validation accuracy only" in out and "| chosen | balanced validation accuracy |" in out
     assert report.main([str(run), "--sweep", str(tmp_path / "nothing")]) == 2
     assert "no readable selection.json" in capsys.readouterr().err
 

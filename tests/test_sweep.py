@@ -144,6 +144,21 @@ def test_a_sweep_without_validation_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_the_selection_names_the_score_its_runs_stopped_on(tmp_path):
+    # An imbalanced training set's runs select their epoch on balanced validation accuracy; the choice reads it.
+    jobs = []
+    for rate, accuracy in ((0.001, 70.0), (0.01, 69.0)):
+        workdir = tmp_path / f"learning_rate={rate}" / "seed_100"
+        workdir.mkdir(parents=True)
+        seed = {"selected_val_accuracy": accuracy, "selected_epoch": 7, "selected_on": "val_balanced_accuracy"}
+        (workdir / "summary.json").write_text(json.dumps({"arms": {"ce": {"seeds": {"100": seed}}}}))
+        jobs.append(sweep.Job(str(tmp_path), str(workdir), [], 10, {"learning_rate": rate}, 100, ["ce"]))
+    selection = sweep.write_selection(str(tmp_path), jobs, {"learning_rate": [0.001, 0.01]})
+    assert selection["score"] == "balanced validation accuracy"
+    assert selection["rule"].startswith("highest balanced validation accuracy at the validation-selected epoch")
+    assert selection["arms"]["ce"]["chosen"] == {"learning_rate": 0.001}
+
+
 def test_a_grid_field_the_config_lacks_is_named_in_one_line():
     config = os.path.join(REPO, "configs", "default.py")
     for field, named in (("lr", ": lr"), ("lerning_rate", 'Did you mean "learning_rate"')):
