@@ -43,6 +43,7 @@ class Cell:
     decodings: dict[str, dict[str, dict]] = field(default_factory=dict)  # per arm, {seed: {decoding: accuracy}}
     notes: list[str] = field(default_factory=list)
     selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: epoch}, where any
+    label: str = ""  # the setting, and for a row after its cell's first what sets it apart (the tables but the first)
 
 
 def _run_notes(summary: dict, config: dict) -> list[str]:
@@ -182,9 +183,10 @@ def collect(runs: list[Run], tuned: tuple[str, ...] = ()) -> list[Cell]:
         row = next((r for r in cell_rows if r.identity == identity
                     and not _arm_seeds(r.accuracies) & _arm_seeds(run.accuracies)), None)
         if row is None:
-            row = Cell(key[0], key[1], paper, identity)
+            row = Cell(key[0], key[1], paper, identity, label=key[1])
             if cell_rows:
                 row.notes.append(_new_row_note(cell_rows, run, tuned))
+                row.label = f"{key[1]} ({row.notes[-1].removeprefix('differs: ')})"
                 rows.insert(rows.index(cell_rows[-1]) + 1, row)
             else:
                 rows.append(row)
@@ -260,7 +262,7 @@ def _decodings(cells: list[Cell]) -> list[str]:
             if not per_seed or set(per_seed) != set(cell.accuracies.get(arm, {})):
                 continue
             values = [_ours({seed: d[name] for seed, d in per_seed.items()}) for name in DECODES]
-            rows.append(f"| {cell.setting} | {arm} | " + " | ".join(values) + " |")
+            rows.append(f"| {cell.label} | {arm} | " + " | ".join(values) + " |")
     if not rows:
         return []
     return ["", "The final epoch decoded four ways: with the test batch's anchor, each sample's own, the epoch's "
@@ -327,7 +329,7 @@ def _comparisons(cells: list[Cell], comparing: Comparing = Comparing()) -> list[
                         f"[{comparison['ci95'][0]:+.3f}, {comparison['ci95'][1]:+.3f}]")
             p_value = "no spread" if comparison.get("no_spread") else _p(comparison["p_value"])
             table, label = (against_ce, arm) if reference == CE else (against_controls, reference)
-            table.append(f"| {cell.setting} | {label} | {comparison['mean_difference']:+.3f} | {interval} | "
+            table.append(f"| {cell.label} | {label} | {comparison['mean_difference']:+.3f} | {interval} | "
                          f"{p_value} | {_p(judgement['holm_p'])} | {_p(judgement['equivalence_p'])} | "
                          f"{comparison['wins']} of {comparison['seeds']} | {judgement['verdict']} |")
     family = ("the contrasts " + ", ".join(f"{arm} − {reference}" for arm, reference in comparing.contrasts)
@@ -511,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(text)
     if args.figure:
         from oat_jax import plots  # matplotlib: only imported for figures
-        groups = [(cell.setting if cell.table == _OTHER else f"{cell.table}, {cell.setting}", results)
+        groups = [(cell.label if cell.table == _OTHER else f"{cell.table}, {cell.label}", results)
                   for cell in cells if (results := paired_results(cell))]
         if plots.write_comparison_figure(groups, args.figure):
             print(f"figure: {args.figure}", file=sys.stderr)

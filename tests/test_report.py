@@ -107,10 +107,15 @@ def test_runs_of_different_configs_are_rows_of_their_own_naming_the_differences(
     fmnist = _fake_run(tmp_path / "fmnist", None, None, [60.0], [62.0],
                        config=_config(num_epochs=2, pretrain_epochs=1, train_limit=2000))
     assert report.main([str(default), str(fmnist)]) == 0
-    rows = _rows(capsys.readouterr().out, "fashion_mnist, lightweight")
+    out = capsys.readouterr().out
+    rows = _rows(out, "fashion_mnist, lightweight")
     assert [row[2:6] for row in rows] == [["80.000", "–", "81.000", "1"], ["60.000", "–", "62.000", "1"]]
     assert "differs" not in rows[0][6]
     assert "differs: num_epochs=2, pretrain_epochs=1, train_limit=2000" in rows[1][6]
+    # Tables without the notes column name the second row by what sets it apart.
+    [first] = _rows(out, "fashion_mnist, lightweight", columns=9)
+    [second] = _rows(out, "fashion_mnist, lightweight (num_epochs=2, pretrain_epochs=1, train_limit=2000)", columns=9)
+    assert (first[1], first[2], second[1], second[2]) == ("oat", "+1.000", "oat", "+2.000")
 
 
 def test_seeds_of_one_config_pool_whatever_their_cosmetic_fields(tmp_path, capsys):
