@@ -510,32 +510,45 @@ def write_comparison_figure(groups: list[tuple[str, list]], path: str) -> bool:
 
 
 def sweep_figure(selection: dict) -> Figure:
-    """A sweep's validation accuracy against the learning rate (log scale), one line per arm: the mean over
-    each point's seeds, a cross where a point diverged, the arm's choice ringed."""
+    """A sweep's score against the learning rate (log scale), one line per arm: the mean over each point's
+    seeds, a cross where a point diverged, the arm's choice ringed. Where a point collapsed far below the
+    others, a second panel shows the top few points, where the choices are made."""
+    score = selection.get("score", "validation accuracy")
+    values = [p["validation_accuracy"] for choice in selection["arms"].values() for p in choice["points"]
+              if not p["diverged"]]
+    lowest, best = min(values, default=0.0), max(values, default=0.0)
     fig = _figure(4.5)
-    ax = fig.add_subplot()
-    lowest = min((p["validation_accuracy"] for choice in selection["arms"].values() for p in choice["points"]
-                  if not p["diverged"]), default=0.0)
-    for number, (arm, choice) in enumerate(selection["arms"].items()):
-        colour = COLOURS.get(arm, f"C{number}")
-        by_rate: dict[float, list] = {}
-        for point in choice["points"]:
-            by_rate.setdefault(point["setting"]["learning_rate"], []).append(point)
-        rates = sorted(by_rate)
-        good = [rate for rate in rates if not any(p["diverged"] for p in by_rate[rate])]
-        means = [float(np.mean([p["validation_accuracy"] for p in by_rate[rate]])) for rate in good]
-        ax.plot(good, means, "o-", color=colour, label=NAMES.get(arm, arm))
-        bad = [rate for rate in rates if rate not in good]
-        ax.plot(bad, [lowest] * len(bad), "x", color=colour, markersize=9, mew=2)
-        if choice["chosen"] is not None and choice["chosen"].get("learning_rate") in good:
-            rate = choice["chosen"]["learning_rate"]
-            ax.plot([rate], [means[good.index(rate)]], "o", ms=14, mfc="none", mec=colour, mew=1.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (both phases)")
-    ax.set_ylabel(f"{selection.get('score', 'validation accuracy')} (%) at the selected epoch")
-    ax.set_title("The sweep: each arm's choice ringed; × = diverged (drawn at the lowest accuracy)")
-    ax.legend()
+    panels = fig.subplots(1, 2, width_ratios=(3, 2)) if best - lowest > 2 * _SWEEP_ZOOM else [fig.add_subplot()]
+    for ax in panels:
+        for number, (arm, choice) in enumerate(selection["arms"].items()):
+            _sweep_line(ax, arm, choice, COLOURS.get(arm, f"C{number}"), lowest)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (both phases)")
+    panels[0].set_ylabel(f"{score} (%) at the selected epoch")
+    panels[0].legend()
+    if len(panels) > 1:
+        panels[1].set_ylim(best - _SWEEP_ZOOM, best + 0.5)
+        panels[1].set_title(f"zoomed: the {_SWEEP_ZOOM:g} percentage points below the best", fontsize=10)
+    fig.suptitle("The sweep: each arm's choice ringed; × = diverged (drawn at the lowest score)")
     return fig
+
+
+_SWEEP_ZOOM = 6.0  # points below the best score that the zoomed panel shows
+
+
+def _sweep_line(ax, arm: str, choice: dict, colour, lowest: float) -> None:
+    by_rate: dict[float, list] = {}
+    for point in choice["points"]:
+        by_rate.setdefault(point["setting"]["learning_rate"], []).append(point)
+    rates = sorted(by_rate)
+    good = [rate for rate in rates if not any(p["diverged"] for p in by_rate[rate])]
+    means = [float(np.mean([p["validation_accuracy"] for p in by_rate[rate]])) for rate in good]
+    ax.plot(good, means, "o-", color=colour, label=NAMES.get(arm, arm))
+    bad = [rate for rate in rates if rate not in good]
+    ax.plot(bad, [lowest] * len(bad), "x", color=colour, markersize=9, mew=2)
+    if choice["chosen"] is not None and choice["chosen"].get("learning_rate") in good:
+        rate = choice["chosen"]["learning_rate"]
+        ax.plot([rate], [means[good.index(rate)]], "o", ms=14, mfc="none", mec=colour, mew=1.5)
 
 
 def write_sweep_figure(selection: dict, path: str) -> None:

@@ -170,6 +170,19 @@ def test_every_objective_has_a_colour_and_a_name_of_its_own():
     assert len({plots.COLOURS[arm] for arm in arms}) == len({plots.NAMES[arm] for arm in arms}) == len(arms)
 
 
+def test_the_sweep_figure_zooms_in_beside_a_collapsed_point():
+    def selection(scores):
+        points = [{"setting": {"learning_rate": rate}, "validation_accuracy": score, "diverged": False}
+                  for rate, score in zip((1e-3, 1e-2, 1e-1), scores)]
+        return {"score": "balanced validation accuracy",
+                "arms": {"oat": {"chosen": {"learning_rate": 1e-3}, "points": points}}}
+
+    [alone] = plots.sweep_figure(selection([85.0, 84.0, 80.0])).axes
+    assert alone.get_ylabel() == "balanced validation accuracy (%) at the selected epoch"
+    full, zoomed = plots.sweep_figure(selection([85.0, 84.0, 10.0])).axes  # a collapse to chance
+    assert full.get_ylim()[0] < 10.0 and zoomed.get_ylim() == (85.0 - 6.0, 85.5)
+
+
 def test_the_anchor_range_axes_show_plain_values(tmp_path):
     """Values that differ only in their last digits (the released anchor's largest targets, 10.07 to 10.12 for
     C = 10; its entries, about 1/C) are labelled as they are, not as ticks 0.009 under an offset "+1.007e1"."""
