@@ -156,8 +156,7 @@ def unknown_field(error: BaseException) -> str:
         if not isinstance(value, str):
             break
         text = value
-    return "; ".join(
-        line.strip() for line in text.splitlines() if line.strip())
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

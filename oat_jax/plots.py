@@ -509,6 +509,9 @@ def write_comparison_figure(groups: list[tuple[str, list]], path: str) -> bool:
     return True
 
 
+_SWEEP_ZOOM = 6.0  # points below the best score that the zoomed panel shows
+
+
 def sweep_figure(selection: dict) -> Figure:
     """A sweep's score against the learning rate (log scale), one line per arm: the mean over each point's
     seeds, a cross where a point diverged, the arm's choice ringed. Where a point collapsed far below the
@@ -531,9 +534,6 @@ def sweep_figure(selection: dict) -> Figure:
         panels[1].set_title(f"zoomed: the {_SWEEP_ZOOM:g} percentage points below the best", fontsize=10)
     fig.suptitle("The sweep: each arm's choice ringed; × = diverged (drawn at the lowest score)")
     return fig
-
-
-_SWEEP_ZOOM = 6.0  # points below the best score that the zoomed panel shows
 
 
 def _sweep_line(ax, arm: str, choice: dict, colour, lowest: float) -> None:

@@ -43,7 +43,7 @@ class Cell:
     decodings: dict[str, dict[str, dict]] = field(default_factory=dict)  # per arm, {seed: {decoding: accuracy}}
     notes: list[str] = field(default_factory=list)
     selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: epoch}, where any
-    label: str = ""  # the setting, and for a row after its cell's first what sets it apart (the tables but the first)
+    label: str = ""  # the setting, plus what sets the row apart from its cell's first (tables without notes)
 
 
 def _run_notes(summary: dict, config: dict) -> list[str]:
