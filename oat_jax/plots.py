@@ -397,7 +397,7 @@ def eval_batch_size_figure(run: Run, results: dict, sizes) -> Figure:
 
 def anchor_prior_figure(run: Run) -> Figure:
     """On an imbalanced training set: OAT's epoch-mean anchor beside the training prior π, per class (left:
-    its first, middle and last epochs of seed 0, with π and softmax(π), the anchor that ``oat_prior`` fixes),
+    its first, middle and last epochs of the first seed, with π and softmax(π), the anchor that ``oat_prior`` fixes),
     and each arm's correlation of anchor and prior over epochs (right)."""
     records = [r for r in run.records if r.get("train_prior")]
     if not records:

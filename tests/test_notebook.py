@@ -34,6 +34,12 @@ def test_the_notebook_runs_and_shows_its_figures(tmp_path, monkeypatch):
     text = "".join(o.text for o in outputs if o.output_type == "stream")
     assert "released: ce" in text and "fixed training anchor" in text
     assert "seed(s), arms [" in text  # section 5 found the study's records, or fell back to the notebook's run
+    # Section 6 reads the committed long-tailed run: OAT's anchor lies near softmax(prior), squeezed from the prior.
+    found = re.search(r"within (\S+) of softmax\(prior\); prior spans (\S+) to (\S+), the anchor only (\S+) to (\S+)",
+                      text)
+    assert found, text[-2000:]
+    gap, prior_low, prior_high, anchor_low, anchor_high = map(float, found.groups())
+    assert gap < 0.01 and prior_high / prior_low > 50 and 1 < anchor_high / anchor_low < 2.72
     for name in ("accuracy", "anchor_heatmap", "anchor_entropy", "eval_batch_size"):
         assert (tmp_path / "runs" / "released" / "plots" / f"{name}.png").is_file()
 
