@@ -43,6 +43,7 @@ class Cell:
     decodings: dict[str, dict[str, dict]] = field(default_factory=dict)  # per arm, {seed: {decoding: accuracy}}
     notes: list[str] = field(default_factory=list)
     selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: epoch}, where any
+    by_frequency: dict[str, dict[str, dict]] = field(default_factory=dict)  # per arm, {seed: {group: accuracy}}
     label: str = ""  # the setting, plus what sets the row apart from its cell's first (tables without notes)
 
 
@@ -104,6 +105,7 @@ class Run:
     decodings: dict[str, dict[str, dict]]  # per arm, {seed: the final epoch's accuracy by decoding}, where logged
     selected_epochs: dict[str, dict[str, int]] = field(default_factory=dict)  # per arm, {seed: validation's epoch}
     path: str = ""  # the workdir
+    by_frequency: dict[str, dict[str, dict]] = field(default_factory=dict)  # _frequency_figures
 
     @property
     def seeds(self) -> set[str]:
@@ -138,7 +140,32 @@ def load_run(workdir: str, select: str = workdir_lib.SELECT_FINAL, metric: str =
                  for arm, result in summary.get("arms", {}).items()}
     selected = {arm: {seed: per_seed["selected_epoch"] for seed, per_seed in result["seeds"].items()
                       if "selected_epoch" in per_seed} for arm, result in summary.get("arms", {}).items()}
-    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings, selected, workdir)
+    return Run(os.path.basename(os.path.normpath(workdir)), summary, config, accuracies, decodings, selected, workdir,
+               _frequency_figures(workdir, config, accuracies, selected if select == workdir_lib.SELECT_VALIDATION
+                                  else None))
+
+
+# The long-tail benchmarks' breakdown: the classes grouped by training frequency (``longtail.frequency_groups``).
+FREQUENCY_FIELDS = (("many", "test_accuracy_many"), ("medium", "test_accuracy_medium"),
+                    ("few", "test_accuracy_few"), ("all (balanced)", "test_balanced_accuracy"))
+
+
+def _frequency_figures(workdir: str, config: dict, accuracies: dict, selected: dict | None) -> dict:
+    """On an imbalanced training set, per arm {seed: {group: test accuracy}} over the thirds of the classes by
+    training frequency and over all of them, at each seed's ``selected`` epoch (None: its last), read from
+    metrics.jsonl; {} on a balanced one, where the thirds are arbitrary."""
+    if config.get("train_imbalance", 1) <= 1:
+        return {}
+    records = workdir_lib.read_records(os.path.join(workdir, workdir_lib.METRICS_FILE))
+    figures = {}
+    for arm, per_seed in accuracies.items():
+        phases = (arm, PRETRAIN) if arm == CE else (arm,)  # CE's epochs continue the pre-training's
+        for seed in per_seed:
+            history = {r["epoch"]: r for r in records if r["arm"] in phases and str(r["seed"]) == seed}
+            record = history.get(selected[arm][seed] if selected else max(history, default=0), {})
+            figures.setdefault(arm, {})[seed] = {group: record[key] for group, key in FREQUENCY_FIELDS
+                                                 if record.get(key) is not None}
+    return figures
 
 
 def load_runs(workdirs: list[str], select: str = workdir_lib.SELECT_FINAL,
@@ -195,6 +222,7 @@ def collect(runs: list[Run], tuned: tuple[str, ...] = ()) -> list[Cell]:
             row.accuracies.setdefault(arm, {}).update(per_seed)
             row.decodings.setdefault(arm, {}).update(run.decodings.get(arm, {}))
             row.selected_epochs.setdefault(arm, {}).update(run.selected_epochs.get(arm, {}))
+            row.by_frequency.setdefault(arm, {}).update(run.by_frequency.get(arm, {}))
         row.notes += [f"{run.name}: {note}" for note in _run_notes(run.summary, run.config)]
     return rows
 
@@ -250,6 +278,7 @@ def format_markdown(cells: list[Cell], comparing: Comparing = Comparing()) -> st
                          f"{'; '.join(notes + cell.notes)} |")
         lines += _comparisons([c for c in cells if c.table == table], comparing)
         lines += _decodings([c for c in cells if c.table == table])
+        lines += _by_frequency([c for c in cells if c.table == table], comparing.select)
     return "\n".join(lines) + "\n"
 
 
@@ -269,6 +298,22 @@ def _decodings(cells: list[Cell]) -> list[str]:
                 "mean training anchor, and the uniform anchor (argmax):", "",
             f"| setting | arm | {' | '.join(DECODES)} |", "| --- | --- |" + " ---: |" * len(DECODES),
             *rows]
+
+
+def _by_frequency(cells: list[Cell], select: str) -> list[str]:
+    """On an imbalanced training set, the long-tail benchmarks' breakdown: each arm's test accuracy over the
+    thirds of the classes by training frequency and over all of them, mean ± standard deviation over seeds."""
+    rows = [f"| {cell.label} | {arm} | " + " | ".join(
+                _ours({seed: groups[group] for seed, groups in per_seed.items() if group in groups})
+                for group, _ in FREQUENCY_FIELDS) + f" | {len(per_seed)} |"
+            for cell in cells for arm, per_seed in cell.by_frequency.items() if per_seed]
+    if not rows:
+        return []
+    when = "validation-selected" if select == workdir_lib.SELECT_VALIDATION else "final"
+    return ["", f"By class frequency: test accuracy at each seed's {when} epoch over the most frequent, middle and "
+                "least frequent thirds of the training classes, and over all classes (balanced accuracy):", "",
+            "| setting | arm | " + " | ".join(group for group, _ in FREQUENCY_FIELDS) + " | seeds |",
+            "| --- | --- |" + " ---: |" * (len(FREQUENCY_FIELDS) + 1), *rows]
 
 
 # OAT's controls (results/fashion_mnist_study/README.md): each removes one thing from OAT, so OAT minus the

@@ -404,3 +404,37 @@ def test_accuracy_by_epoch_pools_seeds_and_labels_the_oracle(tmp_path, capsys):
     # ce's history starts with the pre-training (50.5 at epoch 1); oat has no epoch 1.
     assert "| ce | 50.50 | 70.50 | 3–3 |" in out and "| oat | – | 75.50 | 3–3 |" in out
     assert report.main([str(run), "--by-epoch", "x"]) == 2
+
+
+def test_an_imbalanced_run_is_broken_down_by_class_frequency_at_each_seeds_epoch(tmp_path, capsys):
+    run = _fake_run(tmp_path / "r", None, None, [70.0, 71.0], [72.0, 73.0],
+                    config=_config(num_epochs=3, train_imbalance=100))
+    summary = json.loads((run / "summary.json").read_text())
+    for arm, epochs in (("ce", (1, 3)), ("oat", (3, 2))):  # each seed's validation-selected epoch
+        for seed, epoch in zip(("0", "1"), epochs):
+            summary["arms"][arm]["seeds"][seed].update(selected_epoch=epoch, test_accuracy_at_selected_epoch=60.0)
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    def figures(arm, epoch, seed):  # distinct per arm, epoch and seed: many, medium, few, balanced
+        base = {"pretrain": 0, "ce": 100, "oat": 200}[arm] + 10 * epoch + seed
+        return {"test_accuracy_many": base, "test_accuracy_medium": base + 0.25, "test_accuracy_few": base + 0.5,
+                "test_balanced_accuracy": base + 0.75}
+
+    lines = [{"arm": "pretrain", "epoch": 1, "seed": s, "test_accuracy": 50.0, **figures("pretrain", 1, s)}
+             for s in (0, 1)]
+    lines += [{"arm": arm, "epoch": e, "seed": s, "test_accuracy": 50.0, **figures(arm, e, s)}
+              for arm in ("ce", "oat") for e in (2, 3) for s in (0, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert report.main([str(run), "--select", "validation"]) == 0
+    out = capsys.readouterr().out
+    assert "at each seed's validation-selected epoch over the most frequent" in out
+    # ce: seed 0 at epoch 1 of the pre-training (10), seed 1 at its epoch 3 (131); oat: 230 and 221.
+    assert "| ce | 70.500 ± 85.560 | 70.750 ± 85.560 | 71.000 ± 85.560 | 71.250 ± 85.560 | 2 |" in out
+    assert "| oat | 225.500 ± 6.364 | 225.750 ± 6.364 | 226.000 ± 6.364 | 226.250 ± 6.364 | 2 |" in out
+    assert report.main([str(run), "--select", "final"]) == 0
+    out = capsys.readouterr().out  # every seed at epoch 3: ce 130 and 131, oat 230 and 231
+    assert "each seed's final epoch" in out and "| ce | 130.500 ± 0.707 |" in out and "| oat | 230.500 ± 0.707 |" in out
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "train_imbalance": 1}))  # balanced: thirds arbitrary
+    assert report.main([str(run), "--select", "final"]) == 0
+    assert "By class frequency" not in capsys.readouterr().out
