@@ -266,9 +266,9 @@ def main():
     import platform
     from benchmarks import common
     args = _parse()
-    if not available():
-        common.torch_skip_note("this benchmark")
-        raise SystemExit("error: torch is not installed")
+    if not available():  # this benchmark is PyTorch alone: nothing to skip to
+        raise SystemExit(f"error: this benchmark times PyTorch, which is not installed "
+                         f"(to get it: {common.TORCH_HINT})")
     device = resolve_device(args.device)
     if device == "cuda":
         import torch

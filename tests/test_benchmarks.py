@@ -14,10 +14,10 @@ from conftest import cpu_devices_environment
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _run(module, *args, env=None):
+def _run(module, *args, env=None, check=True):
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
 
@@ -81,7 +81,7 @@ def test_help_shows_the_defaults(module, expected, monkeypatch, capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-def test_step_time_reports_both_arms_and_says_once_when_torch_is_missing(tmp_path):
+def test_step_time_reports_both_arms_and_says_once_when_torch_is_missing_and_torch_alone_says_why(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     (hidden / "torch.py").write_text("raise ImportError('torch is hidden from this test')\n")
@@ -100,13 +100,18 @@ def test_step_time_reports_both_arms_and_says_once_when_torch_is_missing(tmp_pat
     assert list(printed["jax"]["seeds"]) == ["2"]
     assert printed["ratios"]["oat_over_ce_train"] == pytest.approx(
         printed["jax"]["train_ms"]["oat"]["median"] / printed["jax"]["train_ms"]["ce"]["median"])
-    env = printed["environment"]
-    assert env["platform"] == "cpu" and env["jax_version"] and not env["tensorflow_imported"]
+    environment = printed["environment"]
+    assert environment["platform"] == "cpu" and environment["jax_version"] and not environment["tensorflow_imported"]
     assert printed["peak_rss_mb"] > 0
     assert setup["torch_skipped"] == "torch is not installed" and "torch" not in printed
     notes = [line for line in done.stderr.splitlines() if "comparison is skipped" in line]
     assert notes == ["note: the JAX/PyTorch comparison is skipped: torch is not installed (to get it: pip install "
                      "torch, or the project's extra: pip install -e '.[torch]')"]
+
+    done = _run("benchmarks.torch_reference", env=env, check=False)  # PyTorch alone: an error, in one line
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: this benchmark times PyTorch, which is not installed (to get it: pip install torch, or the "
+        "project's extra: pip install -e '.[torch]')"]
 
 
 def test_torch_runs_on_the_cpu_beside_jax_on_the_cpu():
