@@ -27,11 +27,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 TORCH_HINT = "pip install torch, or the project's extra: pip install -e '.[torch]'"
 
 
-def torch_skip_note(what: str = "the JAX/PyTorch comparison") -> str:
-    """Says on stderr, in one line, that ``what`` is skipped because torch cannot be imported, and how to get
-    it; returns the reason to record in the JSON."""
+def torch_skip_note() -> str:
+    """Says on stderr, in one line, that the JAX/PyTorch comparison is skipped because torch cannot be
+    imported, and how to get it; returns the reason to record in the JSON."""
     reason = "torch is not installed"
-    print(f"note: {what} is skipped: {reason} (to get it: {TORCH_HINT})", file=sys.stderr, flush=True)
+    print(f"note: the JAX/PyTorch comparison is skipped: {reason} (to get it: {TORCH_HINT})", file=sys.stderr,
+          flush=True)
     return reason
 
 
