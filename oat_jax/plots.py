@@ -24,7 +24,8 @@ from matplotlib.ticker import MaxNLocator
 
 from oat_jax.eval_batch_sizes import DEFAULT_SIZES, RESULTS_FILE
 from oat_jax.names import CE, OAT, PRETRAIN
-from oat_jax.workdir import METRICS_FILE, WorkdirError, read_config, read_json, read_records, replacing
+from oat_jax.workdir import (METRICS_FILE, WorkdirError, read_config, read_json, read_records, replacing,
+                             unwritable)
 
 # One colour and one name per objective (oat_jax.objectives), each its own, so that no two arms look alike.
 COLOURS = {PRETRAIN: "0.3", CE: "tab:blue", OAT: "tab:orange", "oat_paper": "tab:red",
@@ -461,7 +462,9 @@ def write_plots(workdir: str, out_dir: str | None = None, sizes=DEFAULT_SIZES, e
     Raises WorkdirError when ``workdir`` holds no run."""
     run = load_run(workdir)
     out_dir = out_dir or os.path.join(workdir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
+    problem = unwritable(out_dir)
+    if problem:
+        raise WorkdirError(f"cannot write the figures to {out_dir}: {problem}")
     written = [_draw(name, lambda draw=draw: draw(run), out_dir) for name, draw in FIGURES]
 
     def batch_sizes():

@@ -522,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.margin <= 0 or not math.isfinite(args.margin):
         print(f"error: --margin must be a positive number of points, got {args.margin}", file=sys.stderr)
         return 2
+    for path in filter(None, (args.out, args.figure, args.sweep_figure)):  # before the work, not after it
+        problem = workdir_lib.unwritable(os.path.dirname(os.path.abspath(path)))
+        if problem:
+            print(f"error: cannot write {path}: {problem}", file=sys.stderr)
+            return 2
     select = args.select or _default_rule(args.workdirs)
     metric = "" if args.metric == "accuracy" else args.metric
     runs, skipped = load_runs(args.workdirs, select, metric)

@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -113,6 +114,17 @@ def replacing(path: str):
     with writing(path):
         yield tmp
     os.replace(tmp, path)
+
+
+def unwritable(folder: str) -> str | None:
+    """Makes ``folder`` where it is missing; why files cannot be written there, or None where they can (the
+    report's and the figures' outputs, checked before the work)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # a trial file: permission bits do not bind root
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def write_json(path: str, value: dict) -> None:

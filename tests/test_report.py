@@ -438,3 +438,19 @@ def test_an_imbalanced_run_is_broken_down_by_class_frequency_at_each_seeds_epoch
     (run / "config.json").write_text(json.dumps({**config, "train_imbalance": 1}))  # balanced: thirds arbitrary
     assert report.main([str(run), "--select", "final"]) == 0
     assert "By class frequency" not in capsys.readouterr().out
+
+
+def test_outputs_go_into_new_folders_and_an_unwritable_one_is_one_line_before_any_work(tmp_path, capsys):
+    run = _fake_run(tmp_path / "r", None, None, [70.0, 71.0], [72.0, 73.0])
+    out = tmp_path / "new" / "nested" / "report.md"
+    assert report.main([str(run), "--out", str(out)]) == 0
+    assert out.read_text() == capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
+    for option, name in (("--out", "report.md"), ("--figure", "comparison.png")):
+        assert report.main([str(run), option, str(tmp_path / "a_file" / name)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"error: cannot write {tmp_path / 'a_file' / name}: ")
+        assert len(captured.err.splitlines()) == 1
+    (run / "metrics.jsonl").write_text(json.dumps({"arm": "ce", "epoch": 1, "seed": 0, "test_accuracy": 70.0}) + "\n")
+    assert report.main(["plots", str(run), "--out-dir", str(tmp_path / "a_file" / "plots")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write the figures to {tmp_path / 'a_file' / 'plots'}: ")
