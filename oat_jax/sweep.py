@@ -373,7 +373,9 @@ def _record_sweep(folder: str, record: dict) -> dict:
             known += [value for value in values if value not in known]
         saved["seeds"] = sorted(set(saved["seeds"]) | set(record["seeds"]))
         record = saved
-    os.makedirs(folder, exist_ok=True)
+    problem = workdir_lib.unwritable(folder)
+    if problem:
+        raise SweepError(f"cannot write the sweep to {folder}: {problem}")
     workdir_lib.write_json(path, record)
     return record
 

@@ -136,12 +136,19 @@ def test_the_sweep_chooses_on_validation_resumes_and_confirms(tmp_path):
         assert sorted(summary["arms"]) == sorted(arms)
 
 
-def test_a_sweep_without_validation_is_refused_in_one_line(tmp_path):
+def test_a_sweep_without_validation_or_a_folder_to_write_is_refused_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "oat_jax.sweep", "--config", "configs/default.py",
                              "--grid", "learning_rate=0.01,0.1", "--out", str(tmp_path / "s")], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "validation_size" in result.stderr
     assert not (tmp_path / "s").exists()
+
+    (tmp_path / "a_file").write_text("")  # an --out that cannot be a folder: one line, not a traceback
+    result = subprocess.run([sys.executable, "-m", "oat_jax.sweep", "--config", "configs/default.py",
+                             "--grid", "learning_rate=0.01", "--out", str(tmp_path / "a_file" / "s"),
+                             "--config.validation_size=0.1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: cannot write the sweep to {tmp_path / 'a_file' / 's'}: ")
 
 
 def test_the_selection_names_the_score_its_runs_stopped_on(tmp_path):
