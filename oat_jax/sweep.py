@@ -417,9 +417,8 @@ def sweep(args, overrides: list[str]) -> dict:
         workdir_lib.write_json(os.path.join(args.out, SWEEP_FILE), record)
         if not record["edges_extended"]:
             return selection
-        print(f"sweep: a choice sits at the grid's edge; one more point beyond it: "
-              f"{', '.join(f'{field}={value:g}' for field, values in record['edges_extended'].items() for value in values)}",
-              flush=True)
+        beyond = [f"{field}={value:g}" for field, values in record["edges_extended"].items() for value in values]
+        print(f"sweep: a choice sits at the grid's edge; one more point beyond it: {', '.join(beyond)}", flush=True)
 
 
 def confirm(args, overrides: list[str]) -> list[str]:
