@@ -294,8 +294,9 @@ def _decodings(cells: list[Cell]) -> list[str]:
             rows.append(f"| {cell.label} | {arm} | " + " | ".join(values) + " |")
     if not rows:
         return []
-    return ["", "The final epoch decoded four ways: with the test batch's anchor, each sample's own, the epoch's "
-                "mean training anchor, and the uniform anchor (argmax):", "",
+    return ["", "The final epoch's test accuracy (of all test images, whatever the score above) decoded four ways: "
+                "with the test batch's anchor, each sample's own, the epoch's mean training anchor, and the uniform "
+                "anchor (argmax):", "",
             f"| setting | arm | {' | '.join(DECODES)} |", "| --- | --- |" + " ---: |" * len(DECODES),
             *rows]
 

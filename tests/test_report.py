@@ -237,8 +237,9 @@ def test_the_final_epochs_four_decodings_are_tabled_over_seeds(tmp_path, capsys)
         (run / "summary.json").write_text(json.dumps(summary))
         runs.append(str(run))
     assert report.main(runs) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| fashion_mnist, lightweight | oat |")]
+    out = capsys.readouterr().out
+    assert "The final epoch's test accuracy (of all test images, whatever the score above) decoded four ways" in out
+    rows = [line for line in out.splitlines() if line.startswith("| fashion_mnist, lightweight | oat |")]
     # The comparison with cross-entropy (+11 on both seeds) and the decodings; ce logged none, so has no row.
     assert rows[1] == (f"| fashion_mnist, lightweight | oat | 81.000 ± {np.std([80.0, 82.0], ddof=1):.3f} | "
                        f"79.500 ± {np.std([79.0, 80.0], ddof=1):.3f} | 78.000 ± 0.000 | 77.000 ± 0.000 |")
