@@ -70,9 +70,10 @@ study: install
 	$(PYTHON) -m oat_jax.report $(STUDY)/seed_* --out $(STUDY)/report.md --figure $(STUDY)/comparisons.png \
 	  --by-epoch 40,60,80,100
 
-# The tuned study (results/fashion_mnist_tuned/README.md): stage 1 tunes each arm's learning
-# rate on validation (seed 100), stage 2 trains each arm at its choice on ten fresh seeds. Each run is a workdir
-# under results/ (committed as it finishes, its checkpoints pruned); a rerun resumes where the last one stopped.
+# The tuned study (results/fashion_mnist_tuned/README.md): stage 1 tunes each arm's learning rate on validation
+# (seed 100), stage 2 trains each arm at its choice on ten fresh seeds, then the report (report.md and figures).
+# Each run is a workdir under results/ (committed as it finishes, its checkpoints pruned); a rerun resumes where
+# the last one stopped.
 TUNED := results/fashion_mnist_tuned
 TUNED_GRID ?= learning_rate=0.0003,0.001,0.003,0.01,0.03
 
@@ -80,9 +81,12 @@ tuned-study: install
 	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_tuned.py --grid $(TUNED_GRID) --seeds 100 \
 	  --out $(TUNED)/stage1 --parallel 1 --prune --extend-edges
 	$(PYTHON) -m oat_jax.sweep confirm $(TUNED)/stage1 --seeds 200-209 --parallel 1 --prune
+	$(PYTHON) -m oat_jax.report $(TUNED)/stage1/confirm/*/seed_* --sweep $(TUNED)/stage1 \
+	  --sweep-figure $(TUNED)/sweep.png --contrasts oat-ce,oat-ce_smooth,oat-oat_uniform,oat-square --by-epoch 100 \
+	  --out $(TUNED)/report.md --figure $(TUNED)/comparisons.png
 
 # The long-tailed study (results/fashion_mnist_longtail/README.md): learning rates tuned on balanced validation accuracy (seed
-# 100), then each arm at its choice on ten fresh seeds; resumable like the tuned study.
+# 100), then each arm at its choice on ten fresh seeds, then the report; resumable like the tuned study.
 LONGTAIL := results/fashion_mnist_longtail
 LONGTAIL_GRID ?= learning_rate=0.001,0.003,0.01
 
@@ -90,3 +94,13 @@ longtail-study: install
 	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_longtail.py --grid $(LONGTAIL_GRID) --seeds 100 \
 	  --out $(LONGTAIL)/stage1 --parallel 1 --prune --extend-edges
 	$(PYTHON) -m oat_jax.sweep confirm $(LONGTAIL)/stage1 --seeds 200-209 --parallel 1 --prune
+	$(PYTHON) -m oat_jax.report $(LONGTAIL)/stage1/confirm/*/seed_* --metric balanced --sweep $(LONGTAIL)/stage1 \
+	  --sweep-figure $(LONGTAIL)/sweep.png --contrasts oat-ce,oat-oat_uniform,oat-ce_logit_adjusted \
+	  --out $(LONGTAIL)/report.md --figure $(LONGTAIL)/comparisons.png
+	@# One seed's figures, the anchor against the prior among them, from the run that holds OAT.
+	@for run in $(LONGTAIL)/stage1/confirm/*/seed_200; do \
+	  if $(PYTHON) -c 'import json, sys; sys.exit("oat" not in json.load(open(sys.argv[1]))["arms"])' \
+	      $$run/summary.json; then \
+	    $(PYTHON) -m oat_jax.report plots $$run --no-eval --out-dir $(LONGTAIL)/plots || exit $$?; \
+	  fi; \
+	done
