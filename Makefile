@@ -97,6 +97,9 @@ longtail-study: install
 	$(PYTHON) -m oat_jax.report $(LONGTAIL)/stage1/confirm/*/seed_* --metric balanced --sweep $(LONGTAIL)/stage1 \
 	  --sweep-figure $(LONGTAIL)/sweep.png --contrasts oat-ce,oat-oat_uniform,oat-ce_logit_adjusted \
 	  --out $(LONGTAIL)/report.md --figure $(LONGTAIL)/comparisons.png
+	@# The same contrasts on the least frequent third's test accuracy, the score beside the primary one.
+	$(PYTHON) -m oat_jax.report $(LONGTAIL)/stage1/confirm/*/seed_* --metric few --sweep $(LONGTAIL)/stage1 \
+	  --contrasts oat-ce,oat-oat_uniform,oat-ce_logit_adjusted --out $(LONGTAIL)/report_few.md
 	@# One seed's figures, the anchor against the prior among them, from the run that holds OAT.
 	@for run in $(LONGTAIL)/stage1/confirm/*/seed_200; do \
 	  if $(PYTHON) -c 'import json, sys; sys.exit("oat" not in json.load(open(sys.argv[1]))["arms"])' \

@@ -474,10 +474,10 @@ def write_plots(workdir: str, out_dir: str | None = None, sizes=DEFAULT_SIZES, e
     return [path for path in written if path]
 
 
-def comparison_figure(groups: list[tuple[str, list]]) -> Figure:
+def comparison_figure(groups: list[tuple[str, list]], score: str = "final-epoch test accuracy") -> Figure:
     """A panel per report row: each paired comparison (``report.paired_results``: arm, reference, statistics,
     per-seed differences) as its seeds' differences (dots), their mean and its 95 % t interval (bar), against
-    no difference (zero)."""
+    no difference (zero); ``score`` names what the differences are of."""
     heights = [len(results) for _, results in groups]
     fig = Figure(layout="constrained", figsize=(8, 1.2 + 0.45 * sum(heights) + 0.6 * len(groups)))
     axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
@@ -497,18 +497,19 @@ def comparison_figure(groups: list[tuple[str, list]]) -> Figure:
         ax.set_yticks(range(len(results)), [f"{arm} − {reference}" for arm, reference, *_ in reversed(results)])
         ax.set_ylim(-0.6, len(results) - 0.4)
         ax.set_title(title)
-    axes[-1].set_xlabel("difference in final test accuracy (percentage points), paired by seed:\n"
+    axes[-1].set_xlabel(f"difference in {score} (percentage points), paired by seed:\n"
                         "dots: seeds; diamond and bar: mean and 95 % t interval")
     return fig
 
 
-def write_comparison_figure(groups: list[tuple[str, list]], path: str) -> bool:
+def write_comparison_figure(groups: list[tuple[str, list]], path: str,
+                            score: str = "final-epoch test accuracy") -> bool:
     """Writes ``comparison_figure`` to ``path``; with nothing to compare, a note and no file."""
     if not groups:
         _note(f"{path} not written: no row has two arms that share a seed")
         return False
     with matplotlib.rc_context(_STYLE):
-        _save(comparison_figure(groups), path)
+        _save(comparison_figure(groups, score), path)
     return True
 
 

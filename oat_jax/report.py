@@ -258,6 +258,14 @@ class Comparing:
                 "balanced where the training set is imbalanced)" if self.select == workdir_lib.SELECT_VALIDATION
                 else f"final-epoch {what}")
 
+    @property
+    def score_in_brief(self) -> str:
+        """The score in a few words, for a figure's axis."""
+        what = {"": "test accuracy", "balanced": "balanced test accuracy",
+                "few": "few-third test accuracy"}[self.metric]
+        return f"{what} at the validation-selected epoch" if self.select == workdir_lib.SELECT_VALIDATION \
+            else f"final-epoch {what}"
+
 
 def format_markdown(cells: list[Cell], comparing: Comparing = Comparing()) -> str:
     """A Markdown section per table: setting, the paper's and our accuracy without and with OAT, seeds; the
@@ -544,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(sorted(f'{arm}-{reference}' for arm, reference in compared)) or 'nothing'}",
               file=sys.stderr)
         return 2
-    text = format_markdown(cells, Comparing(select, contrasts, args.margin, metric))
+    comparing = Comparing(select, contrasts, args.margin, metric)
+    text = format_markdown(cells, comparing)
     if args.by_epoch:
         try:
             epochs = [int(epoch) for epoch in args.by_epoch.split(",")]
@@ -566,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         from oat_jax import plots  # matplotlib: only imported for figures
         groups = [(cell.label if cell.table == _OTHER else f"{cell.table}, {cell.label}", results)
                   for cell in cells if (results := paired_results(cell))]
-        if plots.write_comparison_figure(groups, args.figure):
+        if plots.write_comparison_figure(groups, args.figure, comparing.score_in_brief):
             print(f"figure: {args.figure}", file=sys.stderr)
     return 0
 

@@ -285,6 +285,7 @@ def test_the_comparison_figure_draws_each_seed_and_the_interval(tmp_path, capsys
     cell, = report.collect(report.load_runs([str(run)])[0])
     ax, = plots.comparison_figure([("row", report.paired_results(cell))]).axes
     labels = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert ax.get_xlabel().startswith("difference in final-epoch test accuracy (percentage points)")
     # Top to bottom: each arm against cross-entropy, then OAT against its controls (the tables' order).
     assert labels[::-1] == ["oat − ce", "oat_uniform − ce", "square − ce", "oat − oat_uniform", "oat − square"]
     row = labels.index("oat − oat_uniform")
@@ -407,7 +408,7 @@ def test_accuracy_by_epoch_pools_seeds_and_labels_the_oracle(tmp_path, capsys):
     assert report.main([str(run), "--by-epoch", "x"]) == 2
 
 
-def test_an_imbalanced_run_is_broken_down_by_class_frequency_at_each_seeds_epoch(tmp_path, capsys):
+def test_an_imbalanced_run_is_broken_down_by_class_frequency_at_each_seeds_epoch(tmp_path, capsys, monkeypatch):
     run = _fake_run(tmp_path / "r", None, None, [70.0, 71.0], [72.0, 73.0],
                     config=_config(num_epochs=3, train_imbalance=100))
     summary = json.loads((run / "summary.json").read_text())
@@ -432,6 +433,14 @@ def test_an_imbalanced_run_is_broken_down_by_class_frequency_at_each_seeds_epoch
     # ce: seed 0 at epoch 1 of the pre-training (10), seed 1 at its epoch 3 (131); oat: 230 and 221.
     assert "| ce | 70.500 ± 85.560 | 70.750 ± 85.560 | 71.000 ± 85.560 | 71.250 ± 85.560 | 2 |" in out
     assert "| oat | 225.500 ± 6.364 | 225.750 ± 6.364 | 226.000 ± 6.364 | 226.250 ± 6.364 | 2 |" in out
+    from oat_jax import plots
+    drawn = []  # the comparison figure's axis names the score the report compared
+    monkeypatch.setattr(plots, "write_comparison_figure", lambda groups, path, score: drawn.append(score))
+    assert report.main([str(run), "--select", "validation", "--figure", "x.png"]) == 0
+    assert drawn == ["test accuracy at the validation-selected epoch"]
+    assert report.Comparing("validation", metric="balanced").score_in_brief == \
+        "balanced test accuracy at the validation-selected epoch"
+    capsys.readouterr()
     assert report.main([str(run), "--select", "final"]) == 0
     out = capsys.readouterr().out  # every seed at epoch 3: ce 130 and 131, oat 230 and 231
     assert "each seed's final epoch" in out and "| ce | 130.500 ± 0.707 |" in out and "| oat | 230.500 ± 0.707 |" in out
