@@ -119,9 +119,11 @@ def _figure(height: float = 5.0) -> Figure:
 
 
 def _by_epoch(records: list[dict], key: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Epochs (sorted) and, for each, the values of ``key`` in its records (one per seed)."""
+    """Epochs (sorted) and, for each, the values of ``key`` in its records (one per seed; None, a figure that
+    could not be computed, as NaN: a gap in the line)."""
     epochs = sorted({r["epoch"] for r in records})
-    return np.array(epochs), [np.array([r[key] for r in records if r["epoch"] == e]) for e in epochs]
+    return np.array(epochs), [np.array([np.nan if r[key] is None else r[key] for r in records if r["epoch"] == e],
+                                       dtype=float) for e in epochs]
 
 
 def _band(ax, x, values: list[np.ndarray], colour, label, **line):

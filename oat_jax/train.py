@@ -360,11 +360,14 @@ def _epoch_records(exp: Experiment, arm: str, epoch: int, metrics, tested: evalu
 def _class_figures(exp: Experiment, recalls: np.ndarray, anchor: list[float]) -> dict:
     """Test accuracy per class, their mean (balanced accuracy) and means over the thirds of the classes by
     training frequency; on an imbalanced training set the prior and its correlation with the mean anchor."""
+    def mean(values):  # over the classes that the test set holds; None where it holds none (not NaN: JSON)
+        return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
     figures = {"test_accuracy_per_class": [None if np.isnan(r) else float(r) for r in recalls],
-               "test_balanced_accuracy": float(np.nanmean(recalls))}
+               "test_balanced_accuracy": mean(recalls)}
     for group, classes in longtail.frequency_groups(exp.prior).items():
-        figures[f"test_accuracy_{group}"] = float(np.nanmean(recalls[classes])) if len(classes) else None
+        figures[f"test_accuracy_{group}"] = mean(recalls[classes])
     if np.ptp(exp.prior) > 1e-3 / exp.num_classes:  # a prior that is not (nearly) uniform
         figures["train_prior"] = [float(p) for p in exp.prior]
-        figures["anchor_prior_correlation"] = float(np.corrcoef(anchor, exp.prior)[0, 1])
+        figures["anchor_prior_correlation"] = float(np.corrcoef(anchor, exp.prior)[0, 1]) if np.ptp(anchor) else None
     return figures

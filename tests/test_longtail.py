@@ -2,12 +2,14 @@
 against hand-computed values."""
 import json
 import math
+import types
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oat_jax import objectives, report, workdir
+from oat_jax import objectives, report, train, workdir
 from oat_jax.data import longtail
 from oat_jax.experiment import Experiment
 from oat_jax.objectives import LossSettings
@@ -76,6 +78,22 @@ def test_oat_with_the_prior_anchor_by_hand():
     assert float(_loss("oat_prior", [[0.0, 0.0]], [1], [1.0, 0.0])[0]) == pytest.approx((1 + math.e ** 2) / 2,
                                                                                       rel=1e-6)
     assert objectives.get("oat_prior").decode == "uniform" and not objectives.get("oat_prior").uses_anchor
+
+
+def test_a_third_without_test_images_is_none_not_nan():
+    # Four classes by frequency: many = 0 and 1, medium = 2, few = 3; the test set holds no image of 2 or 3.
+    exp = types.SimpleNamespace(prior=np.array([0.4, 0.3, 0.2, 0.1]), num_classes=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice"
+        figures = train._class_figures(exp, np.array([80.0, 90.0, np.nan, np.nan]), [0.25] * 4)
+    assert figures["test_accuracy_per_class"] == [80.0, 90.0, None, None]
+    assert figures["anchor_prior_correlation"] is None  # a constant anchor correlates with nothing
+    assert figures["test_balanced_accuracy"] == 85.0 and figures["test_accuracy_many"] == 85.0
+    assert figures["test_accuracy_medium"] is None and figures["test_accuracy_few"] is None
+    json.dumps(figures, allow_nan=False)  # metrics.jsonl stays strict JSON
+    from oat_jax import plots  # and a figure drawn from such records leaves a gap where the value is None
+    epochs, values = plots._by_epoch([{"epoch": 1, "x": None}, {"epoch": 1, "x": 2.0}, {"epoch": 2, "x": 3.0}], "x")
+    assert epochs.tolist() == [1, 2] and np.isnan(values[0][0]) and values[0][1] == 2.0 and values[1].tolist() == [3.0]
 
 
 def test_an_imbalanced_run_logs_class_metrics_and_selects_on_balanced_validation(synthetic_config, tmp_path, capsys):
