@@ -504,8 +504,7 @@ def comparison_figure(groups: list[tuple[str, list]], score: str = "final-epoch 
     return fig
 
 
-def write_comparison_figure(groups: list[tuple[str, list]], path: str,
-                            score: str = "final-epoch test accuracy") -> bool:
+def write_comparison_figure(groups: list[tuple[str, list]], path: str, score: str) -> bool:
     """Writes ``comparison_figure`` to ``path``; with nothing to compare, a note and no file."""
     if not groups:
         _note(f"{path} not written: no row has two arms that share a seed")

@@ -241,6 +241,13 @@ def _table_rank(table: str) -> int:
     return TABLE_ORDER.index(table) if table in TABLE_ORDER else len(TABLE_ORDER)
 
 
+# Each --metric's name: in a few words, and in full.
+_METRIC_NAMES = {"": ("test accuracy", "test accuracy"),
+                 "balanced": ("balanced test accuracy", "balanced test accuracy (the mean of the classes' accuracies)"),
+                 "few": ("few-third test accuracy",
+                         "test accuracy of the least frequent third of the training classes")}
+
+
 @dataclass
 class Comparing:
     """How the report compares: the selection rule of each seed's score, the contrasts whose p-values form
@@ -250,21 +257,16 @@ class Comparing:
     margin: float = 0.3
     metric: str = ""  # "" = test accuracy; "balanced" or "few" (``workdir.METRICS``)
 
-    @property
-    def score(self) -> str:
-        what = {"": "test accuracy", "balanced": "balanced test accuracy (the mean of the classes' accuracies)",
-                "few": "test accuracy of the least frequent third of the training classes"}[self.metric]
-        return (f"{what} at the validation-selected epoch (each seed's epoch of highest validation accuracy, "
-                "balanced where the training set is imbalanced)" if self.select == workdir_lib.SELECT_VALIDATION
-                else f"final-epoch {what}")
+    def _score(self, brief: bool) -> str:
+        """The score: in full for the report's text, in a few words (``brief``) for a figure's axis."""
+        what = _METRIC_NAMES[self.metric][0 if brief else 1]
+        if self.select != workdir_lib.SELECT_VALIDATION:
+            return f"final-epoch {what}"
+        return f"{what} at the validation-selected epoch" + ("" if brief else (
+            " (each seed's epoch of highest validation accuracy, balanced where the training set is imbalanced)"))
 
-    @property
-    def score_in_brief(self) -> str:
-        """The score in a few words, for a figure's axis."""
-        what = {"": "test accuracy", "balanced": "balanced test accuracy",
-                "few": "few-third test accuracy"}[self.metric]
-        return f"{what} at the validation-selected epoch" if self.select == workdir_lib.SELECT_VALIDATION \
-            else f"final-epoch {what}"
+    score = property(lambda self: self._score(brief=False))
+    score_in_brief = property(lambda self: self._score(brief=True))
 
 
 def format_markdown(cells: list[Cell], comparing: Comparing = Comparing()) -> str:
