@@ -52,6 +52,13 @@ def quiet_checkpoint_noise():
         sys.unraisablehook = hook
         for logger in loggers:
             logger.removeFilter(quiet)
+            # A failed save's orphaned asyncio future reports its full-disk error when it is collected, which
+            # can be after this block: that report stays quiet for the process, every other one prints.
+            logger.addFilter(_not_disk_full)
+
+
+def _not_disk_full(record) -> bool:
+    return not (record.exc_info and is_disk_full(record.exc_info[1]))
 
 
 @contextlib.contextmanager
