@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oat_jax import objectives, report, train, workdir
+from oat_jax import objectives, plots, report, train, workdir
 from oat_jax.data import longtail
 from oat_jax.experiment import Experiment
 from oat_jax.objectives import LossSettings
@@ -91,7 +91,7 @@ def test_a_third_without_test_images_is_none_not_nan():
     assert figures["test_balanced_accuracy"] == 85.0 and figures["test_accuracy_many"] == 85.0
     assert figures["test_accuracy_medium"] is None and figures["test_accuracy_few"] is None
     json.dumps(figures, allow_nan=False)  # metrics.jsonl stays strict JSON
-    from oat_jax import plots  # and a figure drawn from such records leaves a gap where the value is None
+    # and a figure drawn from such records leaves a gap where the value is None
     epochs, values = plots._by_epoch([{"epoch": 1, "x": None}, {"epoch": 1, "x": 2.0}, {"epoch": 2, "x": 3.0}], "x")
     assert epochs.tolist() == [1, 2] and np.isnan(values[0][0]) and values[0][1] == 2.0 and values[1].tolist() == [3.0]
 
