@@ -1,6 +1,7 @@
-"""The README's study figures are the committed reports' figures: every paired comparison in a study's README
-table, and every "arm mean ± sd" of its summary, matches the `report.md` that the study's command wrote, to the
-digits the README prints. A figure edited by hand, or a report rerun without the README, fails here."""
+"""The READMEs' study figures are the committed reports' figures: every paired comparison in a study's table,
+and every "arm mean ± sd" of its summary, in the project README and in each study's own README, matches the
+`report.md` that the study's command wrote, to the digits printed. A figure edited by hand, or a report rerun
+without its READMEs, fails here."""
 import pathlib
 import re
 
@@ -39,7 +40,10 @@ def table_rows(lines: list[str], header_start: str) -> list[dict]:
             for row in lines[index + 2:]:
                 if not row.strip().startswith("|"):
                     break
-                rows.append(dict(zip(header, (cell.strip() for cell in row.strip().strip("|").split("|")))))
+                cells = {}
+                for key, cell in zip(header, row.strip().strip("|").split("|")):
+                    cells.setdefault(key, cell.strip())  # a repeated column (a second score) is not read
+                rows.append(cells)
             return rows
     return []
 
@@ -85,14 +89,15 @@ def mismatches(block: str, report: str) -> tuple[list[str], int]:
     wrong, checked = [], 0
     comparisons = report_comparisons(report)
     for row in table_rows(block.splitlines(), "| comparison |"):
-        first, second = (arm(part) for part in row["comparison"].split(" − "))
+        first, second = (arm(part) for part in re.sub(r" \(.*\)$", "", row["comparison"]).split(" − "))
         theirs = comparisons.get((first, second))
         if theirs is None:
             wrong.append(f"{row['comparison']}: not in the report")
             continue
         low, high = re.findall(NUMBER, row["95 % interval"])
         their_low, their_high = re.findall(NUMBER, theirs["95 % interval"])
-        pairs = [(row["mean difference"], theirs["difference"]), (low, their_low), (high, their_high)]
+        difference = next(value for key, value in row.items() if key.endswith("difference"))
+        pairs = [(difference, theirs["difference"]), (low, their_low), (high, their_high)]
         if "p" in row:
             pairs.append((row["p"], theirs["p"]))
         if "p (Holm)" in row:  # "(raw 0.76)" for a comparison outside the corrected family
@@ -132,6 +137,21 @@ def test_the_readme_quotes_its_report(path, block):
     assert checked >= 20  # a table of comparisons and the arms' means were read, not skipped
 
 
+STUDY_READMES = sorted(path.parent.relative_to(ROOT).as_posix() for path in ROOT.glob("results/*/report.md"))
+
+
+def test_the_studies_own_readmes_are_found():
+    assert {"results/fashion_mnist_study", "results/fashion_mnist_longtail"} <= set(STUDY_READMES)
+
+
+@pytest.mark.parametrize("folder", STUDY_READMES, ids=lambda folder: folder.split("/")[1])
+def test_each_study_readme_quotes_its_report(folder):
+    text = (ROOT / folder / "README.md").read_text(encoding="utf-8")
+    wrong, checked = mismatches(text, (ROOT / folder / "report.md").read_text(encoding="utf-8"))
+    assert not wrong, f"{folder}/README.md disagrees with its report.md: {wrong}"
+    assert checked >= 20
+
+
 def test_a_changed_figure_is_caught():
     path, block = next(study for study in STUDIES if "longtail" in study[0])
     report = (ROOT / path).read_text(encoding="utf-8")
@@ -141,6 +161,10 @@ def test_a_changed_figure_is_caught():
         assert edit[0] in block
         wrong, _ = mismatches(block.replace(edit[0], edit[1], 1), report)
         assert len(wrong) == 1, edit
+    # The study's own README, whose table has a second score's columns beside the first.
+    text = (ROOT / "results/fashion_mnist_longtail/README.md").read_text(encoding="utf-8")
+    assert mismatches(text, report)[0] == []
+    assert len(mismatches(text.replace("| −1.03 | −1.47 to", "| −1.03 | −1.57 to", 1), report)[0]) == 1
 
 
 def test_rounding_is_read_to_the_printed_digits():
