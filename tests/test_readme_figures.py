@@ -127,7 +127,8 @@ STUDIES = study_blocks(README)
 
 def test_the_finished_studies_are_found():
     reports = {path for path, _ in STUDIES}
-    assert {"results/fashion_mnist_study/report.md", "results/fashion_mnist_longtail/report.md"} <= reports
+    assert {"results/fashion_mnist_study/report.md", "results/fashion_mnist_tuned/report.md",
+            "results/fashion_mnist_longtail/report.md"} <= reports
 
 
 @pytest.mark.parametrize("path, block", STUDIES, ids=[path.split("/")[1] for path, _ in STUDIES])
@@ -141,7 +142,8 @@ STUDY_READMES = sorted(path.parent.relative_to(ROOT).as_posix() for path in ROOT
 
 
 def test_the_studies_own_readmes_are_found():
-    assert {"results/fashion_mnist_study", "results/fashion_mnist_longtail"} <= set(STUDY_READMES)
+    assert {"results/fashion_mnist_study", "results/fashion_mnist_tuned", "results/fashion_mnist_longtail"} <= set(
+        STUDY_READMES)
 
 
 @pytest.mark.parametrize("folder", STUDY_READMES, ids=lambda folder: folder.split("/")[1])
