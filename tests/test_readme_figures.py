@@ -113,6 +113,14 @@ def mismatches(block: str, report: str) -> tuple[list[str], int]:
         if wins != theirs["wins"] or verdict != theirs["verdict"]:
             wrong.append(f"{row['comparison']}: README {wins}, {verdict}; report {theirs['wins']}, "
                          f"{theirs['verdict']}")
+    by_epoch = {row["arm"]: row for row in table_rows(report.splitlines(), "| arm | epoch")}
+    for row in table_rows(block.splitlines(), "| arm | epoch"):
+        theirs = by_epoch.get(arm(row["arm"]), {})
+        for column, printed in row.items():
+            if column.startswith("epoch "):
+                checked += 1
+                if column not in theirs or not agrees(printed, number(theirs[column])):
+                    wrong.append(f"{row['arm']}, {column}: README {printed}, report {theirs.get(column)}")
     means = report_means(report)
     for name, mean, sd in MEAN_SD.findall(block):
         theirs = means.get(arm(name))
@@ -167,6 +175,15 @@ def test_a_changed_figure_is_caught():
     text = (ROOT / "results/fashion_mnist_longtail/README.md").read_text(encoding="utf-8")
     assert mismatches(text, report)[0] == []
     assert len(mismatches(text.replace("| −1.03 | −1.47 to", "| −1.03 | −1.57 to", 1), report)[0]) == 1
+
+
+def test_a_changed_mean_by_epoch_is_caught():
+    text = (ROOT / "results/fashion_mnist_tuned/README.md").read_text(encoding="utf-8")
+    report = (ROOT / "results/fashion_mnist_tuned/report.md").read_text(encoding="utf-8")
+    assert mismatches(text, report)[0] == []
+    edit = ("| oat | 89.45 | 90.20 |", "| oat | 89.45 | 90.30 |")
+    assert edit[0] in text
+    assert mismatches(text.replace(*edit, 1), report)[0] == ["oat, epoch 40: README 90.30, report 90.20"]
 
 
 def test_rounding_is_read_to_the_printed_digits():
