@@ -83,7 +83,8 @@ tuned-study: install
 	$(PYTHON) -m oat_jax.sweep confirm $(TUNED)/stage1 --seeds 200-209 --parallel 1 --prune
 	$(PYTHON) -m oat_jax.report $(TUNED)/stage1/confirm/*/seed_* --sweep $(TUNED)/stage1 \
 	  --sweep-figure $(TUNED)/sweep.png --contrasts oat-ce,oat-ce_smooth,oat-oat_uniform,oat-square \
-	  --by-epoch 20,40,60,80,100 --out $(TUNED)/report.md --figure $(TUNED)/comparisons.png
+	  --by-epoch 20,40,60,80,100 --curves $(TUNED)/curves.png --out $(TUNED)/report.md \
+	  --figure $(TUNED)/comparisons.png
 	@# The same contrasts at epoch 100, the protocol's last epoch: the score shown beside the primary one.
 	$(PYTHON) -m oat_jax.report $(TUNED)/stage1/confirm/*/seed_* --select final --sweep $(TUNED)/stage1 \
 	  --contrasts oat-ce,oat-ce_smooth,oat-oat_uniform,oat-square --out $(TUNED)/report_final.md

@@ -514,6 +514,40 @@ def write_comparison_figure(groups: list[tuple[str, list]], path: str, score: st
     return True
 
 
+_CURVES_ZOOM = 5.0  # points below the best mean that the curves' panels show
+
+
+def curves_figure(panels: list[tuple[str, dict]], pretrain_epochs: int | None = None) -> Figure:
+    """A panel per score (name, arm -> seed -> epoch -> value, ``report.epoch_histories``): each arm's mean over
+    its seeds by epoch, with their range as a band; a dashed line where the arms branch off the pre-training.
+    Each panel shows the few points below its best mean, where the arms differ; early epochs fall below it."""
+    fig = _figure(4.5)
+    axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
+    for ax, (name, histories) in zip(axes, panels):
+        best = -np.inf
+        for number, (arm, seeds) in enumerate(histories.items()):
+            epochs = sorted({epoch for history in seeds.values() for epoch in history})
+            values = [np.array([history[e] for history in seeds.values() if e in history]) for e in epochs]
+            _band(ax, np.array(epochs), values, COLOURS.get(arm, f"C{number}"), NAMES.get(arm, arm), linewidth=1.2)
+            best = max(best, max(float(v.mean()) for v in values))
+        ax.set_ylim(best - _CURVES_ZOOM, best + 0.5)
+        if pretrain_epochs:
+            ax.axvline(pretrain_epochs, color="0.4", linestyle="--", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_title(name)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3)
+    fig.suptitle(f"By epoch: the mean over seeds, their range as a band; the {_CURVES_ZOOM:g} points below the best"
+                 + (f"\nthe arms start after epoch {pretrain_epochs} (dashed)" if pretrain_epochs else ""))
+    return fig
+
+
+def write_curves_figure(panels: list[tuple[str, dict]], path: str, pretrain_epochs: int | None = None) -> None:
+    with matplotlib.rc_context(_STYLE):
+        _save(curves_figure(panels, pretrain_epochs), path)
+
+
 _SWEEP_ZOOM = 6.0  # points below the best score that the zoomed panel shows
 
 

@@ -465,18 +465,27 @@ def sweep_section(selection: dict, cells: list[Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def epoch_histories(runs: list[Run], key: str = "test_accuracy", whole: bool = False) -> dict:
+    """arm -> seed -> epoch -> the ``key`` of that epoch's record, from the runs' metrics.jsonl files. The
+    pre-training's epochs count as the cross-entropy arm's, which continues them; with ``whole``, as every arm's
+    of that run, since every arm starts from them."""
+    by_arm: dict[str, dict[str, dict[int, float]]] = {}
+    for run in runs:
+        for record in workdir_lib.read_records(os.path.join(run.path, workdir_lib.METRICS_FILE)):
+            if record.get(key) is None:
+                continue
+            arms = [record["arm"]] if record["arm"] != PRETRAIN else list(run.accuracies) if whole else [CE]
+            for arm in arms:
+                if arm in run.accuracies and str(record["seed"]) in run.accuracies[arm]:
+                    by_arm.setdefault(arm, {}).setdefault(str(record["seed"]), {})[record["epoch"]] = record[key]
+    return by_arm
+
+
 def by_epoch_section(runs: list[Run], epochs: list[int]) -> str:
     """Each arm's test accuracy at the given epochs, mean over every seed of the runs that logged it, and the
     range of the seeds' best epochs: how much a ranking depends on when training stops. The best epoch is
     picked by test accuracy, so it is an oracle, shown to read the curves, never to compare."""
-    by_arm: dict[str, dict[str, dict[int, float]]] = {}  # arm -> seed -> epoch -> accuracy
-    for run in runs:
-        for record in workdir_lib.read_records(os.path.join(run.path, workdir_lib.METRICS_FILE)):
-            arms = [record["arm"]] if record["arm"] != PRETRAIN else [CE] if CE in run.accuracies else []
-            for arm in arms:
-                if arm in run.accuracies and str(record["seed"]) in run.accuracies[arm]:
-                    by_arm.setdefault(arm, {}).setdefault(str(record["seed"]), {})[record["epoch"]] = \
-                        record["test_accuracy"]
+    by_arm = epoch_histories(runs)
     lines = ["", "## Test accuracy by epoch", "",
              "Mean over seeds at each epoch; the last column, each seed's epoch of highest test accuracy, is an "
              "oracle (chosen on the test set).", "",
@@ -517,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                              "are listed, and its tuned fields may differ between the arms of a row")
     parser.add_argument("--by-epoch", metavar="E1,E2,...",
                         help="also tabulate each arm's mean test accuracy at these epochs (from metrics.jsonl)")
+    parser.add_argument("--curves", metavar="PNG",
+                        help="also draw each arm's validation and test accuracy by epoch, the mean over seeds and "
+                             "their range, from each run's first epoch")
     parser.add_argument("--sweep-figure", metavar="PNG",
                         help="with --sweep: draw validation accuracy against the learning rate, one line per arm")
     parser.add_argument("--out", help="also write the Markdown to this file")
@@ -533,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.margin <= 0 or not math.isfinite(args.margin):
         print(f"error: --margin must be a positive number of points, got {args.margin}", file=sys.stderr)
         return 2
-    for path in filter(None, (args.out, args.figure, args.sweep_figure)):  # before the work, not after it
+    for path in filter(None, (args.out, args.figure, args.sweep_figure, args.curves)):  # before the work, not after it
         problem = workdir_lib.unwritable(os.path.dirname(os.path.abspath(path)))
         if problem:
             print(f"error: cannot write {path}: {problem}", file=sys.stderr)
@@ -573,6 +585,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.curves:
+        from oat_jax import plots  # matplotlib: only imported for figures
+        panels = [(name, histories) for name, key in (("validation accuracy", "val_accuracy"),
+                                                      ("test accuracy", "test_accuracy"))
+                  if (histories := epoch_histories(runs, key, whole=True))]
+        pretraining = {run.config.get("pretrain_epochs") for run in runs}
+        if panels:
+            plots.write_curves_figure(panels, args.curves, pretraining.pop() if len(pretraining) == 1 else None)
+        print(f"figure: {args.curves}" if panels else f"note: {args.curves} not written: no metrics.jsonl has an "
+              "epoch's accuracy", file=sys.stderr)
     if args.figure:
         from oat_jax import plots  # matplotlib: only imported for figures
         groups = [(cell.label if cell.table == _OTHER else f"{cell.table}, {cell.label}", results)

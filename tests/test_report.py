@@ -408,6 +408,26 @@ def test_accuracy_by_epoch_pools_seeds_and_labels_the_oracle(tmp_path, capsys):
     assert report.main([str(run), "--by-epoch", "x"]) == 2
 
 
+def test_the_curves_give_every_arm_its_runs_pretraining_and_draw_both_scores(tmp_path, capsys):
+    run = _fake_run(tmp_path / "r", None, None, [70.0, 71.0], [72.0, 73.0], config=_config(num_epochs=3))
+    lines = [{"arm": "pretrain", "epoch": 1, "seed": s, "test_accuracy": 50.0 + s, "val_accuracy": 55.0}
+             for s in (0, 1)]
+    lines += [{"arm": arm, "epoch": e, "seed": s, "test_accuracy": base + 10 * e + s, "val_accuracy": base}
+              for arm, base in (("ce", 40.0), ("oat", 45.0)) for e in (2, 3) for s in (0, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    runs, _ = report.load_runs([str(run)])
+    assert report.epoch_histories(runs, whole=True)["oat"] == {"0": {1: 50.0, 2: 65.0, 3: 75.0},
+                                                               "1": {1: 51.0, 2: 66.0, 3: 76.0}}
+    assert 1 not in report.epoch_histories(runs)["oat"]["0"]  # the table's histories: pre-training is ce's
+    assert report.epoch_histories(runs, "val_accuracy", whole=True)["ce"]["1"] == {1: 55.0, 2: 40.0, 3: 40.0}
+    figure = tmp_path / "curves.png"
+    assert report.main([str(run), "--curves", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (run / "metrics.jsonl").write_text("")
+    assert report.main([str(run), "--curves", str(tmp_path / "none.png")]) == 0
+    assert "none.png not written" in capsys.readouterr().err and not (tmp_path / "none.png").exists()
+
+
 def test_an_imbalanced_run_is_broken_down_by_class_frequency_at_each_seeds_epoch(tmp_path, capsys, monkeypatch):
     run = _fake_run(tmp_path / "r", None, None, [70.0, 71.0], [72.0, 73.0],
                     config=_config(num_epochs=3, train_imbalance=100))
