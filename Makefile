@@ -76,34 +76,37 @@ study: install
 # the last one stopped.
 TUNED := results/fashion_mnist_tuned
 TUNED_GRID ?= learning_rate=0.0003,0.001,0.003,0.01,0.03
+# The primary contrasts, fixed before stage 2.
+TUNED_CONTRASTS := oat-ce,oat-ce_smooth,oat-oat_uniform,oat-square
 
 tuned-study: install
 	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_tuned.py --grid $(TUNED_GRID) --seeds 100 \
 	  --out $(TUNED)/stage1 --parallel 1 --prune --extend-edges
 	$(PYTHON) -m oat_jax.sweep confirm $(TUNED)/stage1 --seeds 200-209 --parallel 1 --prune
 	$(PYTHON) -m oat_jax.report $(TUNED)/stage1/confirm/*/seed_* --sweep $(TUNED)/stage1 \
-	  --sweep-figure $(TUNED)/sweep.png --contrasts oat-ce,oat-ce_smooth,oat-oat_uniform,oat-square \
+	  --sweep-figure $(TUNED)/sweep.png --contrasts $(TUNED_CONTRASTS) \
 	  --by-epoch 20,40,60,80,100 --curves $(TUNED)/curves.png --out $(TUNED)/report.md \
 	  --figure $(TUNED)/comparisons.png
 	@# The same contrasts at epoch 100, the protocol's last epoch: the score shown beside the primary one.
 	$(PYTHON) -m oat_jax.report $(TUNED)/stage1/confirm/*/seed_* --select final --sweep $(TUNED)/stage1 \
-	  --contrasts oat-ce,oat-ce_smooth,oat-oat_uniform,oat-square --out $(TUNED)/report_final.md
+	  --contrasts $(TUNED_CONTRASTS) --out $(TUNED)/report_final.md
 
 # The long-tailed study (results/fashion_mnist_longtail/README.md): learning rates tuned on balanced validation accuracy (seed
 # 100), then each arm at its choice on ten fresh seeds, then the report; resumable like the tuned study.
 LONGTAIL := results/fashion_mnist_longtail
 LONGTAIL_GRID ?= learning_rate=0.001,0.003,0.01
+LONGTAIL_CONTRASTS := oat-ce,oat-oat_uniform,oat-ce_logit_adjusted
 
 longtail-study: install
 	$(PYTHON) -m oat_jax.sweep --config configs/fashion_mnist_longtail.py --grid $(LONGTAIL_GRID) --seeds 100 \
 	  --out $(LONGTAIL)/stage1 --parallel 1 --prune --extend-edges
 	$(PYTHON) -m oat_jax.sweep confirm $(LONGTAIL)/stage1 --seeds 200-209 --parallel 1 --prune
 	$(PYTHON) -m oat_jax.report $(LONGTAIL)/stage1/confirm/*/seed_* --metric balanced --sweep $(LONGTAIL)/stage1 \
-	  --sweep-figure $(LONGTAIL)/sweep.png --contrasts oat-ce,oat-oat_uniform,oat-ce_logit_adjusted \
+	  --sweep-figure $(LONGTAIL)/sweep.png --contrasts $(LONGTAIL_CONTRASTS) \
 	  --out $(LONGTAIL)/report.md --figure $(LONGTAIL)/comparisons.png
 	@# The same contrasts on the least frequent third's test accuracy, the score beside the primary one.
 	$(PYTHON) -m oat_jax.report $(LONGTAIL)/stage1/confirm/*/seed_* --metric few --sweep $(LONGTAIL)/stage1 \
-	  --contrasts oat-ce,oat-oat_uniform,oat-ce_logit_adjusted --out $(LONGTAIL)/report_few.md
+	  --contrasts $(LONGTAIL_CONTRASTS) --out $(LONGTAIL)/report_few.md
 	@# One seed's figures, the anchor against the prior among them, from the run that holds OAT.
 	@for run in $(LONGTAIL)/stage1/confirm/*/seed_200; do \
 	  if $(PYTHON) -c 'import json, sys; sys.exit("oat" not in json.load(open(sys.argv[1]))["arms"])' \
